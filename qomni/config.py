@@ -195,7 +195,7 @@ class VisionConfig:
             spatial_merge_size=int(r("spatial_merge_size")),
             temporal_patch_size=int(r("temporal_patch_size")),
             out_hidden_size=int(r("out_hidden_size")),
-            num_position_embeddings=int(r("num_position_embeddings")),
+            num_position_embeddings=int(r("num_position_embeddings", 2304)),  # absent in the real file
             deepstack_visual_indexes=_ints(r("deepstack_visual_indexes")),
             hidden_act=str(r("hidden_act", "gelu_pytorch_tanh")),
             rope_theta=r.rope(10000.0)[0],

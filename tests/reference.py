@@ -1,75 +1,25 @@
 """Tiny Qwen3-Omni configurations and helpers for building the transformers reference.
 
 transformers is a test-only dependency: only tests import this module.
-Real token, codec and speaker ids (shared/notes/qwen3-omni-reference.md §1.2), tiny widths.
+Config "a" is qomni's own tiny config (real ids, tiny widths); "b" differs in head counts,
+head_dim, expert count/top-k, norm_topk_prob, mrope_section and depth.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
+
+import torch
+
+from qomni.tiny import ASSETS, PREPROCESSOR_CONFIG, TINY_CONFIG, write_tokenizer
 
 _ROPE = {"rope_type": "default", "interleaved": True, "mrope_interleaved": True}
 
-_TOKENS = dict(
-    audio_token_id=151675, image_token_id=151655, video_token_id=151656,
-    audio_start_token_id=151669, audio_end_token_id=151670,
-    vision_start_token_id=151652, vision_end_token_id=151653,
-    position_id_per_seconds=13, user_token_id=872,
-)
+TINY_A = copy.deepcopy(TINY_CONFIG)
 
-_TALKER = dict(
-    thinker_hidden_size=64, num_code_groups=16, codec_eos_token_id=2150,
-    codec_nothink_id=2155, codec_think_bos_id=2156, codec_think_eos_id=2157,
-    codec_pad_id=2148, codec_bos_id=2149, audio_token_id=151675,
-    audio_start_token_id=151669, image_token_id=151655, video_token_id=151656,
-    vision_start_token_id=151652, position_id_per_seconds=13, spatial_merge_size=2,
-    speaker_id={"chelsie": 2301, "ethan": 2302, "aiden": 2303},
-)
-
-# Config "a": the all-paths model of the reference notes §8.
-TINY_A = dict(
-    enable_audio_output=True,
-    thinker_config=dict(
-        **_TOKENS,
-        audio_config=dict(
-            num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
-            d_model=32, output_dim=64, n_window=50, n_window_infer=200,
-            downsample_hidden_size=8,
-        ),
-        vision_config=dict(
-            depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-            deepstack_visual_indexes=[0, 1, 2],
-        ),
-        text_config=dict(
-            vocab_size=152064, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=8,
-            num_experts_per_tok=2, norm_topk_prob=True, rope_theta=1e6,
-            rope_scaling={**_ROPE, "mrope_section": [4, 2, 2]},
-        ),
-    ),
-    talker_config=dict(
-        **_TALKER,
-        accept_hidden_layer=2,
-        text_config=dict(
-            vocab_size=3072, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, moe_intermediate_size=16, num_experts=4,
-            num_experts_per_tok=2, norm_topk_prob=True, shared_expert_intermediate_size=32,
-            rope_theta=1e6, rope_scaling={**_ROPE, "mrope_section": [2, 1, 1]},
-        ),
-        code_predictor_config=dict(
-            vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_code_groups=16,
-            rope_theta=1e6,
-        ),
-    ),
-    code2wav_config=dict(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        intermediate_size=64, decoder_dim=32,
-    ),
-)
-
-# Config "b": differs in head counts, head_dim, experts/top-k, norm_topk_prob, mrope_section, depth.
-TINY_B = copy.deepcopy(TINY_A)
+TINY_B = copy.deepcopy(TINY_CONFIG)
 TINY_B["thinker_config"]["text_config"].update(
     hidden_size=48, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3,
     head_dim=12, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=3,
@@ -89,3 +39,58 @@ def hf_config(name: str = "a", **overrides):
     cfg = copy.deepcopy(TINY_CONFIGS[name])
     cfg.update(overrides)
     return Qwen3OmniMoeConfig(**cfg)
+
+
+def save_hf_checkpoint(name: str, dest: Path, seed: int = 0):
+    """Build the transformers model at a tiny config with seeded random weights, save it with
+    `save_pretrained` (sharded, official on-disk layout) plus tokenizer, chat template and
+    preprocessor config. Returns the transformers model (fp32, eval)."""
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen3OmniMoeForConditionalGeneration(hf_config(name)).eval()
+    # transformers' init leaves norms at 1 and many weights tiny; perturb everything so the
+    # comparison exercises every weight.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(dest, max_shard_size="20MB")
+    write_tokenizer(dest)
+    template = (ASSETS / "chat_template.jinja").read_text()
+    (dest / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    (dest / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
+    return model
+
+
+def hf_processor(path: Path):
+    """transformers' real Qwen3OmniMoeProcessor for a checkpoint directory.
+
+    Its constructor insists on a video processor, which needs torchvision (no CPU build here);
+    the class check is bypassed and video_processor is None, so text, image and audio
+    processing run the reference code unchanged."""
+    from unittest import mock
+
+    from transformers import AutoTokenizer, WhisperFeatureExtractor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+    from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import (
+        Qwen3OmniMoeProcessor,
+    )
+    from transformers.processing_utils import ProcessorMixin
+
+    pre = json.loads((Path(path) / "preprocessor_config.json").read_text())
+    template = json.loads((Path(path) / "chat_template.json").read_text())["chat_template"]
+    feature_keys = ("feature_size", "sampling_rate", "hop_length", "n_fft", "chunk_length",
+                    "padding_value", "dither", "return_attention_mask")
+    image_keys = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels",
+                  "image_mean", "image_std")
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class",
+                           lambda self, name, arg: None):
+        return Qwen3OmniMoeProcessor(
+            image_processor=Qwen2VLImageProcessorPil(**{k: pre[k] for k in image_keys}),
+            video_processor=None,
+            feature_extractor=WhisperFeatureExtractor(**{k: pre[k] for k in feature_keys}),
+            tokenizer=AutoTokenizer.from_pretrained(path, local_files_only=True),
+            chat_template=template,
+        )

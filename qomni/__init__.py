@@ -1,0 +1,8 @@
+"""qomni: a fast, streaming inference engine and server for Qwen3-Omni."""
+
+from qomni.events import AudioChunk, Finished, GenerateOutput, TextDelta, Usage
+from qomni.omni import Omni
+from qomni.sampling import SamplingParams
+
+__all__ = ["Omni", "SamplingParams", "TextDelta", "AudioChunk", "Finished", "GenerateOutput",
+           "Usage"]

@@ -1,0 +1,5 @@
+import sys
+
+from qomni.cli import main
+
+sys.exit(main())

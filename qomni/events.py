@@ -1,0 +1,48 @@
+"""What `Omni.generate` returns and `Omni.stream` yields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    audio_frames: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class TextDelta:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class AudioChunk:
+    pcm: np.ndarray  # float32 mono
+    sample_rate: int
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" (end of turn) | "length" (max_new_tokens) | "abort"
+    usage: Usage
+
+
+@dataclass
+class GenerateOutput:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    audio: np.ndarray | None = None
+    codes: object | None = None  # int64 tensor [num_code_groups, frames]
+    sample_rate: int = 24000
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,107 @@
+"""Shared decoder building blocks: RMSNorm, SwiGLU MLP, GQA attention with QK-norm and a KV cache.
+
+Legend: B batch, S new tokens, K cached key slots, D hidden, H query heads, Hkv key/value heads,
+Dh head dim, I intermediate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qomni.models.rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    """Normalise in fp32, cast back to the input dtype, then scale (the reference's order)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, one row per sequence.
+
+    Row b holds `lengths[b]` valid slots. Slot `max_len` is scratch: padded (invalid) tokens of a
+    right-padded batch write there, so they never touch a valid slot, and it is always masked.
+    """
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        shape = (num_layers, batch, kv_heads, max_len + 1, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    def slots(self, n_new: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache slots [B, S] for a step of `seq` tokens of which row b has `n_new[b]` valid, and
+        the key-visibility mask [B, 1, S, K] (causal, valid keys only)."""
+        start = self.lengths
+        pos = start[:, None] + torch.arange(seq, device=start.device)  # [B, S]
+        valid = torch.arange(seq, device=start.device)[None] < n_new[:, None]
+        slots = torch.where(valid, pos, torch.full_like(pos, self.max_len))
+        end = start + n_new
+        keys = torch.arange(int(end.max()), device=start.device)  # one host read per step
+        mask = (keys[None, None] <= pos[..., None]) & (keys[None, None] < end[:, None, None])
+        return slots, mask[:, None]
+
+    def advance(self, n_new: torch.Tensor) -> None:
+        self.lengths += n_new
+
+
+class Attention(nn.Module):
+    """Causal GQA with per-head RMSNorm on q and k (Qwen3), rotary positions and a KV cache."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float,
+                 qk_norm: bool = True):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, eps)
+            self.k_norm = RMSNorm(head_dim, eps)
+        self.qk_norm = qk_norm
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                cache: KVCache, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        rows = torch.arange(b, device=x.device)[:, None]
+        cache.k[layer][rows, :, slots] = k.transpose(1, 2)
+        cache.v[layer][rows, :, slots] = v
+        n_keys = mask.shape[-1]
+        keys, values = cache.k[layer][:, :, :n_keys], cache.v[layer][:, :, :n_keys]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

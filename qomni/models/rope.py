@@ -1,0 +1,62 @@
+"""Rotary position embeddings: interleaved M-RoPE (thinker, talker) and 1-D RoPE.
+
+Legend: B batch, S tokens, Dh head dim, F = Dh/2 frequencies.
+
+Both follow the reference numerics: angles in fp32, cos/sin cast to the activation dtype before
+the rotation, rotate-half layout (the two halves of a head hold the same frequencies).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+
+
+class MRoPE(nn.Module):
+    """Interleaved multimodal RoPE: frequency j takes its angle from the H axis when j % 3 == 1,
+    from W when j % 3 == 2 (each within its `mrope_section` share), and from T otherwise."""
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, ...]):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq(head_dim, theta), persistent=False)
+        f = head_dim // 2
+        axis = torch.zeros(f, dtype=torch.long)  # which of (t, h, w) drives frequency j
+        axis[1 : 3 * mrope_section[1] : 3] = 1
+        axis[2 : 3 * mrope_section[2] : 3] = 2
+        self.register_buffer("axis", axis, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """positions [3, B, S] (t, h, w) -> cos, sin [B, S, Dh] in `dtype`."""
+        freqs = positions[..., None].float() * self.inv_freq  # [3, B, S, F]
+        freqs = freqs.gather(0, self.axis.expand(1, *freqs.shape[1:]))[0]  # [B, S, F]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class RoPE(nn.Module):
+    """Plain 1-D RoPE (code predictor, code2wav)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq(head_dim, theta), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """positions [B, S] -> cos, sin [B, S, Dh] in `dtype`."""
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, Dh]; cos, sin [B, S, Dh]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin

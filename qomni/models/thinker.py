@@ -1,0 +1,116 @@
+"""The thinker: MoE language model (with the audio and vision encoders feeding its embeddings).
+
+Legend: B batch, S tokens in this step, D hidden, V vocab, Nv visual tokens in the batch.
+
+The text path follows the reference: per layer `h += attn(norm(h))`, `h += moe(norm(h))`, M-RoPE
+positions [3, B, S] (t, h, w), deepstack visual features added after the first layers at visual
+positions, final RMSNorm, untied lm_head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qomni.config import TextConfig, ThinkerConfig
+from qomni.models.layers import MLP, Attention, KVCache, RMSNorm
+from qomni.models.moe import SparseMoE
+from qomni.models.rope import MRoPE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
+                                   cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(index):
+            self.mlp = SparseMoE(cfg)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.index = index
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, self.index, cache, slots, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+@dataclass
+class Deepstack:
+    """Visual features to add after the first len(features) decoder layers."""
+
+    mask: torch.Tensor  # [B, S] bool, True at image/video token positions
+    features: list[torch.Tensor]  # each [Nv, D]
+
+
+class TextModel(nn.Module):
+    """Decoder stack shared by the thinker and the talker (the talker adds a shared expert)."""
+
+    def __init__(self, cfg: TextConfig, embed_rows: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = MRoPE(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        self.embed_rows = embed_rows
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | None = None) -> KVCache:
+        w = self.norm.weight
+        return KVCache(self.cfg.num_hidden_layers, batch, self.cfg.num_key_value_heads, max_len,
+                       self.cfg.head_dim, dtype or w.dtype, device or w.device)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                n_new: torch.Tensor | None = None, deepstack: Deepstack | None = None,
+                capture: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h [B, S, D] input embeddings; positions [3, B, S]; row b has n_new[b] valid tokens
+        (right padding). Returns the final-normed hidden [B, S, D] and, if `capture` = k, the
+        hidden state after k decoder layers (the reference's `hidden_states[k]`)."""
+        b, s, _ = h.shape
+        if n_new is None:
+            n_new = torch.full((b,), s, dtype=torch.long, device=h.device)
+        if int((cache.lengths + n_new).max()) > cache.max_len:
+            raise ValueError(f"sequence exceeds the KV cache capacity of {cache.max_len} tokens")
+        cos, sin = self.rotary(positions, h.dtype)
+        slots, mask = cache.slots(n_new, s)
+        captured = h if capture == 0 else None
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache, slots, mask)
+            if capture == i + 1:
+                captured = h  # recorded before the deepstack addition, as the reference does
+            if deepstack is not None and i < len(deepstack.features):
+                h = h.clone()
+                h[deepstack.mask] += deepstack.features[i].to(h.dtype)
+        cache.advance(n_new)
+        return self.norm(h), captured
+
+
+class ThinkerLM(TextModel):
+    """`thinker.model`: token embeddings + decoder stack."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__(cfg, cfg.vocab_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+
+
+class Thinker(nn.Module):
+    def __init__(self, cfg: ThinkerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = ThinkerLM(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                n_new: torch.Tensor | None = None, deepstack: Deepstack | None = None,
+                capture: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.model(embeds, positions, cache, n_new, deepstack, capture)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,111 @@
+"""Token sampling: greedy, temperature, top-k, top-p and repetition penalty, batched per row.
+
+Legend: B rows, V vocabulary.
+
+Filters run in the reference's order: repetition penalty, temperature, top-k, top-p. Each row
+draws from its own generator (Gumbel-style: argmax of p / Exp(1) noise), so a seeded request
+gives the same tokens whether it runs alone or inside a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy. top_k 0 and top_p 1.0 mean "off"."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
+                             penalty: torch.Tensor) -> torch.Tensor:
+    """logits [B, V]; seen [B, V] bool (tokens already in the context); penalty [B]."""
+    p = penalty[:, None]
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set logits outside each row's top-k / nucleus to -inf. top_k [B] (0 = off), top_p [B]."""
+    vocab = logits.shape[-1]
+    sorted_logits, _ = logits.sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    kth = sorted_logits.gather(-1, (k - 1)[:, None])
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    # Nucleus: drop a token when the probability mass strictly above it already reaches top_p,
+    # always keeping the most likely token.
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    drop_sorted = mass_before >= top_p[:, None]
+    drop_sorted[:, 0] = False
+    # threshold = smallest kept logit per row
+    kept = sorted_logits.masked_fill(drop_sorted, float("inf"))
+    threshold = kept.min(-1, keepdim=True).values
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+class Sampler:
+    """Per-row sampling settings as tensors, plus one generator per row."""
+
+    def __init__(self, params: Sequence[SamplingParams], device: torch.device | str = "cpu"):
+        self.params = list(params)
+        self.device = torch.device(device)
+        f = dict(dtype=torch.float32, device=self.device)
+        self.temperature = torch.tensor([p.temperature for p in params], **f)
+        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=self.device)
+        self.top_p = torch.tensor([p.top_p for p in params], **f)
+        self.penalty = torch.tensor([p.repetition_penalty for p in params], **f)
+        self.uses_penalty = any(p.repetition_penalty != 1.0 for p in params)
+        self.all_greedy = all(p.greedy for p in params)
+        self.generators = []
+        for p in params:
+            g = torch.Generator(self.device)
+            if p.seed is None:
+                g.seed()
+            else:
+                g.manual_seed(p.seed)
+            self.generators.append(g)
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, V] -> token ids [B]."""
+        logits = logits.float()
+        if self.uses_penalty and seen is not None:
+            logits = apply_repetition_penalty(logits, seen, self.penalty)
+        greedy_ids = logits.argmax(-1)
+        if self.all_greedy:
+            return greedy_ids
+        temp = torch.where(self.temperature > 0, self.temperature, torch.ones_like(self.temperature))
+        probs = filter_logits(logits / temp[:, None], self.top_k, self.top_p).softmax(-1)
+        noise = torch.empty_like(probs)
+        for row, g in enumerate(self.generators):
+            noise[row].exponential_(generator=g)
+        sampled = (probs / noise).argmax(-1)
+        greedy_rows = torch.tensor([p.greedy for p in self.params], device=logits.device)
+        return torch.where(greedy_rows, greedy_ids, sampled)
