@@ -72,7 +72,7 @@ class TextConfig:
     num_experts_per_tok: int
     moe_intermediate_size: int
     norm_topk_prob: bool
-    intermediate_size: int  # dense MLP width, only for layers listed in `mlp_only_layers`
+    intermediate_size: int  # dense MLP width (`mlp_only_layers`); talker: its projections' width
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     shared_expert_intermediate_size: int = 0
@@ -438,3 +438,31 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object")
     return data
+
+
+@dataclass(frozen=True)
+class PreprocessorConfig:
+    """preprocessor_config.json: Whisper log-mel features and the Qwen2-VL image processor.
+    Defaults are the published values (identical in the Instruct, Thinking and Captioner repos)."""
+
+    feature_size: int = 128
+    sampling_rate: int = 16000
+    hop_length: int = 160
+    n_fft: int = 400
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 3136
+    max_pixels: int = 12845056
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_file(cls, path: Path) -> PreprocessorConfig:
+        file = path / "preprocessor_config.json" if path.is_dir() else path
+        if not file.exists():
+            return cls()
+        data = _read_json(file)
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**values)

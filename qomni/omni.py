@@ -88,9 +88,7 @@ class Omni:
         audio_output = False  # speech output is not built yet
         with meta_parameters():
             net = OmniModel(cfg, audio_output)
-        skip = ["thinker.audio_tower.", "thinker.visual."]
-        if not audio_output:
-            skip += ["talker.", "code2wav."]
+        skip = [] if audio_output else ["talker.", "code2wav."]
         load_weights(net, path, dtype=dtype, device=device, skip_prefixes=skip, progress=progress)
         net.to(device).eval()
         gen_file = path / "generation_config.json"
@@ -106,7 +104,7 @@ class Omni:
     @torch.inference_mode()
     def prompt_logits(self, inputs: ProcessedInputs) -> torch.Tensor:
         """Thinker logits for every prompt position: [S, vocab] float32."""
-        hidden, *_ = prefill(self.model.thinker, [inputs])
+        hidden = prefill(self.model.thinker, [inputs]).hidden
         return self.model.thinker.logits(hidden[0]).float()
 
     # -- generation -----------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_batched_prefill_logits_equal_single(omni_tiny):
     inputs = [omni.process(c) for c in CONVERSATIONS]
     thinker = omni.model.thinker
     with torch.inference_mode():
-        hidden, _, _, lengths = prefill(thinker, inputs)
+        hidden = prefill(thinker, inputs).hidden
         for b, x in enumerate(inputs):
             single = omni.prompt_logits(x)
             batched = thinker.logits(hidden[b, : len(x)]).float()

@@ -1,6 +1,6 @@
 """Sequential batched text generation with the thinker (the engine's scheduler builds on this).
 
-Legend: B rows, S padded prompt length, V vocabulary.
+Legend: B rows, S padded prompt length, D hidden, V vocabulary.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qomni.models.thinker import Thinker
+from qomni.models.layers import KVCache
+from qomni.models.thinker import Deepstack, Thinker
 from qomni.multimodal.processor import ProcessedInputs
 from qomni.sampling import Sampler
 
@@ -25,26 +26,52 @@ class Step:
     reasons: list[str | None]
 
 
-def pad_batch(inputs: Sequence[ProcessedInputs], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Right-pad prompts: ids [B, S], positions [3, B, S], lengths [B]."""
-    lengths = torch.tensor([len(x) for x in inputs], dtype=torch.long)
+@dataclass
+class Prefill:
+    hidden: torch.Tensor  # [B, S, D] final-normed
+    cache: KVCache
+    ids: torch.Tensor  # [B, S] right-padded prompt ids
+    lengths: torch.Tensor  # [B]
+    captured: torch.Tensor | None  # [B, S, D] hidden after `capture` layers, if asked
+
+
+def embed_batch(thinker: Thinker, inputs: Sequence[ProcessedInputs], device: torch.device):
+    """Right-padded embeddings [B, S, D], positions [3, B, S], ids [B, S], lengths [B] and the
+    batch's deepstack features (None without images or videos)."""
+    b = len(inputs)
+    lengths = torch.tensor([len(x) for x in inputs], dtype=torch.long, device=device)
     s = int(lengths.max())
-    ids = torch.zeros(len(inputs), s, dtype=torch.long)
-    pos = torch.zeros(3, len(inputs), s, dtype=torch.long)
-    for b, x in enumerate(inputs):
-        ids[b, : len(x)] = x.input_ids
-        pos[:, b, : len(x)] = x.positions
-    return ids.to(device), pos.to(device), lengths.to(device)
+    ids = torch.zeros(b, s, dtype=torch.long, device=device)
+    pos = torch.zeros(3, b, s, dtype=torch.float32, device=device)
+    embeds = torch.zeros(b, s, thinker.cfg.text.hidden_size, device=device,
+                         dtype=thinker.lm_head.weight.dtype)
+    vmask = torch.zeros(b, s, dtype=torch.bool, device=device)
+    levels: list[list[torch.Tensor]] = []
+    for row, x in enumerate(inputs):
+        n = len(x)
+        ids[row, :n] = x.input_ids.to(device)
+        pos[:, row, :n] = x.positions.to(device)
+        h, mask, deepstack = thinker.embed_inputs(ids[row, :n], x.media.to(device))
+        embeds[row, :n] = h
+        if mask is not None:
+            vmask[row, :n] = mask
+            for level, feats in enumerate(deepstack):
+                if level == len(levels):
+                    levels.append([])
+                levels[level].append(feats)
+    ds = Deepstack(vmask, [torch.cat(f) for f in levels]) if levels else None
+    return embeds, pos, ids, lengths, ds
 
 
-def prefill(thinker: Thinker, inputs: Sequence[ProcessedInputs], extra_slots: int = 0):
-    """Run the prompts through the thinker. Returns (final hidden [B, S, D], cache, ids,
-    lengths); the cache has room for `extra_slots` more tokens per row."""
+def prefill(thinker: Thinker, inputs: Sequence[ProcessedInputs], extra_slots: int = 0,
+            capture: int | None = None) -> Prefill:
+    """Run the prompts through the thinker; the cache keeps room for `extra_slots` more tokens
+    per row."""
     device = thinker.lm_head.weight.device
-    ids, pos, lengths = pad_batch(inputs, device)
+    embeds, pos, ids, lengths, deepstack = embed_batch(thinker, inputs, device)
     cache = thinker.model.new_cache(len(inputs), int(lengths.max()) + extra_slots)
-    hidden, _ = thinker(thinker.embed(ids), pos, cache, lengths)
-    return hidden, cache, ids, lengths
+    hidden, captured = thinker(embeds, pos, cache, lengths, deepstack, capture)
+    return Prefill(hidden, cache, ids, lengths, captured)
 
 
 @torch.inference_mode()
@@ -53,9 +80,10 @@ def generate_tokens(thinker: Thinker, inputs: Sequence[ProcessedInputs], sampler
     """Yield one Step per decode step until every row has stopped."""
     device = thinker.lm_head.weight.device
     b = len(inputs)
-    hidden, cache, ids, lengths = prefill(thinker, inputs, max_new_tokens)
-    logits = thinker.logits(hidden[torch.arange(b, device=device), lengths - 1])
-    delta = torch.tensor([x.rope_delta for x in inputs], dtype=torch.long, device=device)
+    pre = prefill(thinker, inputs, max_new_tokens)
+    cache, ids, lengths = pre.cache, pre.ids, pre.lengths
+    logits = thinker.logits(pre.hidden[torch.arange(b, device=device), lengths - 1])
+    delta = torch.tensor([x.rope_delta for x in inputs], dtype=torch.float32, device=device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     seen = None
     if sampler.uses_penalty:  # the reference penalises prompt tokens too

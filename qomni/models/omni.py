@@ -13,5 +13,5 @@ class OmniModel(nn.Module):
     def __init__(self, cfg: OmniConfig, audio_output: bool):
         super().__init__()
         self.cfg = cfg
-        self.thinker = Thinker(cfg.thinker)
+        self.thinker = Thinker(cfg.thinker, cfg.tokens)
         self.audio_output = audio_output

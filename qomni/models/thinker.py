@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qomni.config import TextConfig, ThinkerConfig
+from qomni.config import SpecialTokens, TextConfig, ThinkerConfig
+from qomni.models.audio_encoder import AudioEncoder
 from qomni.models.layers import MLP, Attention, KVCache, RMSNorm
 from qomni.models.moe import SparseMoE
 from qomni.models.rope import MRoPE
+from qomni.models.vision_encoder import VisionEncoder
 
 
 class DecoderLayer(nn.Module):
@@ -97,15 +99,67 @@ class ThinkerLM(TextModel):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
 
 
+@dataclass
+class MediaInputs:
+    """Encoder inputs of one prompt (any field may be empty)."""
+
+    audio_features: torch.Tensor | None = None  # [mel, ΣL] valid frames of all audios
+    audio_lengths: torch.Tensor | None = None  # [N_audio] frames per audio
+    pixel_values: torch.Tensor | None = None  # [N_patches, C*T*P*P] images
+    image_grid_thw: torch.Tensor | None = None  # [N_images, 3]
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None  # [N_videos, 3]
+
+    def to(self, device: torch.device) -> MediaInputs:
+        return MediaInputs(**{k: None if v is None else v.to(device)
+                              for k, v in self.__dict__.items()})
+
+
 class Thinker(nn.Module):
-    def __init__(self, cfg: ThinkerConfig):
+    def __init__(self, cfg: ThinkerConfig, tokens: SpecialTokens):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tokens = cfg, tokens
+        self.audio_tower = AudioEncoder(cfg.audio)
+        self.visual = VisionEncoder(cfg.vision)
         self.model = ThinkerLM(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
+
+    def embed_inputs(self, input_ids: torch.Tensor, media: MediaInputs | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:
+        """One prompt's input embeddings [S, D], with encoder outputs in place of the audio,
+        image and video placeholders; plus the visual-position mask [S] and the deepstack
+        features (visual tokens in sequence order) when the prompt has images or videos."""
+        h = self.embed(input_ids)
+        if media is None:
+            return h, None, None
+        dtype = h.dtype
+        if media.audio_features is not None:
+            feats = self.audio_tower(media.audio_features.to(dtype), media.audio_lengths)
+            h = _scatter(h, input_ids == self.tokens.audio, feats, "audio")
+        visual_mask, deepstack = None, None
+        parts = []
+        for pixels, grid, token, kind in (
+            (media.pixel_values, media.image_grid_thw, self.tokens.image, "image"),
+            (media.pixel_values_videos, media.video_grid_thw, self.tokens.video, "video"),
+        ):
+            if pixels is None:
+                continue
+            embeds, ds = self.visual(pixels.to(dtype), grid)
+            mask = input_ids == token
+            h = _scatter(h, mask, embeds, kind)
+            parts.append((mask, ds))
+        if parts:
+            visual_mask = parts[0][0] if len(parts) == 1 else parts[0][0] | parts[1][0]
+            deepstack = []
+            for level in range(len(parts[0][1])):
+                joint = h.new_zeros(int(visual_mask.sum()), h.shape[-1])
+                for mask, ds in parts:  # images and videos interleave in sequence order
+                    joint[mask[visual_mask]] = ds[level].to(dtype)
+                deepstack.append(joint)
+        return h, visual_mask, deepstack
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 n_new: torch.Tensor | None = None, deepstack: Deepstack | None = None,
@@ -114,3 +168,13 @@ class Thinker(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+
+def _scatter(h: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, kind: str) -> torch.Tensor:
+    n = int(mask.sum())
+    if n != values.shape[0]:
+        raise ValueError(f"the prompt has {n} {kind} placeholder tokens but the {kind} encoder "
+                         f"produced {values.shape[0]} embeddings")
+    h = h.clone()
+    h[mask] = values.to(h.dtype)
+    return h
