@@ -10,11 +10,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from qomni.config import OmniConfig
-from qomni.engine.generate import generate_tokens, prefill
-from qomni.events import Finished, GenerateOutput, TextDelta, Usage
+from qomni.engine.generate import Step, generate_tokens, prefill
+from qomni.engine.speech import build_talker_prompt, talker_frames, talker_sampling_defaults, \
+    trailing_text
+from qomni.events import AudioChunk, Finished, GenerateOutput, TextDelta, Usage
 from qomni.models.omni import OmniModel
 from qomni.multimodal.chat import StreamDecoder
 from qomni.multimodal.processor import ProcessedInputs, Processor
@@ -22,6 +25,7 @@ from qomni.sampling import GREEDY, Sampler, SamplingParams
 from qomni.weights import load_weights, meta_parameters
 
 Conversation = Sequence[Mapping[str, Any]]
+DEFAULT_SPEAKER = "Ethan"  # the reference's default voice
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -85,7 +89,8 @@ class Omni:
         if audio_output and not cfg.has_audio_output:
             raise ValueError(f"{path} has no talker (a Thinking or Captioner checkpoint, "
                              "enable_audio_output=false): it cannot produce speech")
-        audio_output = False  # speech output is not built yet
+        if audio_output is None:
+            audio_output = cfg.has_audio_output
         with meta_parameters():
             net = OmniModel(cfg, audio_output)
         skip = [] if audio_output else ["talker.", "code2wav."]
@@ -115,26 +120,25 @@ class Omni:
                  return_audio: bool | None = None, max_audio_frames: int | None = None,
                  use_audio_in_video: bool = False, seed: int | None = None,
                  **template_kwargs: Any) -> GenerateOutput | list[GenerateOutput]:
+        """Answer one conversation (or a list of them, as a batch). With speech output, also
+        returns `audio` (float32, 24 kHz) and `codes` [num_code_groups, frames]."""
         batched = _is_batch(messages)
         convs = list(messages) if batched else [messages]
-        self._check_audio_request(return_audio, speaker)
+        speak, speaker_id = self._audio_request(return_audio, speaker)
         inputs = [self.process(c, use_audio_in_video, **template_kwargs) for c in convs]
-        sampler = self._sampler(sampling, seed, len(inputs))
-        tokens: list[list[int]] = [[] for _ in inputs]
-        reasons = ["length"] * len(inputs)
-        for step in generate_tokens(self.model.thinker, inputs, sampler, max_new_tokens,
-                                    self._stop_ids()):
-            for b, (tok, act) in enumerate(zip(step.tokens.tolist(), step.active.tolist())):
-                if not act:
-                    continue
-                if step.reasons[b] == "stop":
-                    reasons[b] = "stop"
-                else:
-                    tokens[b].append(tok)
-        outs = [GenerateOutput(text=self.tokenizer.decode(t, skip_special_tokens=True),
-                               token_ids=t, finish_reason=r,
-                               usage=Usage(len(x), len(t) + (r == "stop")))
-                for t, r, x in zip(tokens, reasons, inputs)]
+        text = self._thinker(inputs, sampling, seed, max_new_tokens, speak)
+        outs = []
+        for x, (tokens, reason) in zip(inputs, text.results):
+            ids = tokens[:-1] if reason == "stop" else tokens
+            outs.append(GenerateOutput(text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                                       token_ids=ids, finish_reason=reason,
+                                       usage=Usage(len(x), len(tokens))))
+        if speak:
+            codes = self._speak(inputs, text, speaker_id, talker_sampling, seed, max_audio_frames)
+            for out, c in zip(outs, codes):
+                out.codes, out.usage.audio_frames = c, c.shape[1]
+                out.audio = self._vocode(c)
+                out.sample_rate = self.config.code2wav.sample_rate
         return outs if batched else outs[0]
 
     def stream(self, messages: Conversation, *, max_new_tokens: int = 1024,
@@ -142,34 +146,85 @@ class Omni:
                talker_sampling: SamplingParams | None = None, speaker: str | None = None,
                return_audio: bool | None = None, max_audio_frames: int | None = None,
                use_audio_in_video: bool = False, seed: int | None = None,
-               **template_kwargs: Any) -> Iterator[TextDelta | Finished]:
-        """Yield TextDelta events as text is decoded, then one Finished event."""
+               **template_kwargs: Any) -> Iterator[TextDelta | AudioChunk | Finished]:
+        """Yield TextDelta events as text is decoded, AudioChunk events with speech output,
+        then one Finished event."""
         if _is_batch(messages):
             raise ValueError("stream() takes one conversation; use generate() for a batch")
-        self._check_audio_request(return_audio, speaker)
+        speak, speaker_id = self._audio_request(return_audio, speaker)
         inputs = self.process(messages, use_audio_in_video, **template_kwargs)
-        sampler = self._sampler(sampling, seed, 1)
         decoder = StreamDecoder(self.tokenizer)
+        text = _ThinkerRun(self.model.thinker, [inputs], self._sampler(sampling, seed, 1),
+                           max_new_tokens, self._stop_ids(),
+                           self._accept_layer() if speak else None)
         pending: list[int] = []
-        n, reason = 0, "length"
-        for step in generate_tokens(self.model.thinker, [inputs], sampler, max_new_tokens,
-                                    self._stop_ids()):
+        for step in text.steps():
             tok = int(step.tokens[0])
-            n += 1
             if step.reasons[0] == "stop":
-                reason = "stop"
                 break
             pending.append(tok)
-            text = decoder.push([tok])
-            if text:
-                yield TextDelta(text, pending)
+            delta = decoder.push([tok])
+            if delta:
+                yield TextDelta(delta, pending)
                 pending = []
         tail = decoder.flush()
         if tail or pending:
             yield TextDelta(tail, pending)
-        yield Finished(reason, Usage(len(inputs), n))
+        tokens, reason = text.results[0]
+        usage = Usage(len(inputs), len(tokens))
+        if speak:
+            (codes,) = self._speak([inputs], text, speaker_id, talker_sampling, seed,
+                                   max_audio_frames)
+            usage.audio_frames = codes.shape[1]
+            if codes.shape[1]:
+                yield AudioChunk(self._vocode(codes), self.config.code2wav.sample_rate)
+        yield Finished(reason, usage)
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _thinker(self, inputs: list[ProcessedInputs], sampling: SamplingParams | None,
+                 seed: int | None, max_new_tokens: int, speak: bool) -> _ThinkerRun:
+        run = _ThinkerRun(self.model.thinker, inputs, self._sampler(sampling, seed, len(inputs)),
+                          max_new_tokens, self._stop_ids(),
+                           self._accept_layer() if speak else None)
+        for _ in run.steps():
+            pass
+        return run
+
+    def _speak(self, inputs: list[ProcessedInputs], text: _ThinkerRun, speaker_id: int,
+               talker_sampling: SamplingParams | None, seed: int | None,
+               max_audio_frames: int | None) -> list[torch.Tensor]:
+        """Codec codes [G, F] per row for the thinker's finished answers."""
+        pre = text.prefill
+        with torch.inference_mode():
+            prompts, trailing = [], []
+            for b, (x, (tokens, _)) in enumerate(zip(inputs, text.results)):
+                n = len(x)
+                prompts.append(build_talker_prompt(self.model, x, pre.embeds[b, :n],
+                                                   pre.captured[b, :n], tokens[0], speaker_id))
+                trailing.append(trailing_text(self.model, tokens))
+            params = talker_sampling or talker_sampling_defaults(self.generation_config)
+            if seed is not None and params.seed is None:
+                params = dataclasses.replace(params, seed=seed)
+            if max_audio_frames is None:
+                max_audio_frames = int(self.generation_config.get("talker_max_new_tokens", 4096)) - 1
+            frames: list[list[torch.Tensor]] = [[] for _ in inputs]
+            for step in talker_frames(self.model, prompts, trailing, params, max_audio_frames):
+                for b in step.emitted.nonzero().flatten().tolist():
+                    frames[b].append(step.codes[b])
+        g = self.config.talker.num_code_groups
+        return [torch.stack(f, dim=1).cpu() if f else torch.zeros(g, 0, dtype=torch.long)
+                for f in frames]
+
+    @torch.inference_mode()
+    def _vocode(self, codes: torch.Tensor) -> np.ndarray:
+        if codes.shape[1] == 0:
+            return np.zeros(0, dtype=np.float32)
+        wav = self.model.code2wav(codes[None].to(self.device))
+        return wav[0, 0].cpu().numpy()
+
+    def _accept_layer(self) -> int:
+        return self.config.talker.accept_hidden_layer
 
     def _stop_ids(self) -> list[int]:
         ids = {self.config.tokens.im_end}
@@ -183,10 +238,39 @@ class Omni:
             params = dataclasses.replace(params, seed=seed)
         return Sampler([params] * n, self.device)
 
-    def _check_audio_request(self, return_audio: bool | None, speaker: str | None) -> None:
+    def _audio_request(self, return_audio: bool | None, speaker: str | None) -> tuple[bool, int]:
+        """(speak?, speaker codec id). return_audio=None means "if the talker is loaded"."""
         if return_audio and not self.model.audio_output:
-            raise ValueError("speech output is not available: this model was loaded without a "
-                             "talker (audio_output=False, or a thinker-only checkpoint)")
+            reason = ("this checkpoint has no talker (a Thinking or Captioner checkpoint)"
+                      if not self.config.has_audio_output else
+                      "it was loaded with audio_output=False")
+            raise ValueError(f"speech output is not available: {reason}")
+        speak = self.model.audio_output if return_audio is None else return_audio
+        if not speak:
+            if speaker is not None and self.config.talker is not None:
+                self.config.talker.speaker(speaker)  # still reject unknown voices
+            return False, -1
+        return True, self.config.talker.speaker(speaker or DEFAULT_SPEAKER)
+
+
+class _ThinkerRun:
+    """Drives `generate_tokens` and keeps what later stages need: the prefill (embeddings and
+    captured hidden states) and each row's generated tokens (including the final one) and finish
+    reason."""
+
+    def __init__(self, thinker, inputs, sampler, max_new_tokens, stop_ids, capture):
+        self._it = generate_tokens(thinker, inputs, sampler, max_new_tokens, stop_ids, capture)
+        self.prefill = next(self._it)
+        self.results: list[tuple[list[int], str]] = [([], "length") for _ in inputs]
+
+    def steps(self) -> Iterator[Step]:
+        for step in self._it:
+            for b, (tok, act) in enumerate(zip(step.tokens.tolist(), step.active.tolist())):
+                if act:
+                    self.results[b][0].append(tok)
+                    if step.reasons[b] is not None:
+                        self.results[b] = (self.results[b][0], step.reasons[b])
+            yield step
 
 
 def _is_batch(messages: Any) -> bool:

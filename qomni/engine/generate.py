@@ -28,6 +28,7 @@ class Step:
 
 @dataclass
 class Prefill:
+    embeds: torch.Tensor  # [B, S, D] input embeddings (media features in place)
     hidden: torch.Tensor  # [B, S, D] final-normed
     cache: KVCache
     ids: torch.Tensor  # [B, S] right-padded prompt ids
@@ -71,16 +72,19 @@ def prefill(thinker: Thinker, inputs: Sequence[ProcessedInputs], extra_slots: in
     embeds, pos, ids, lengths, deepstack = embed_batch(thinker, inputs, device)
     cache = thinker.model.new_cache(len(inputs), int(lengths.max()) + extra_slots)
     hidden, captured = thinker(embeds, pos, cache, lengths, deepstack, capture)
-    return Prefill(hidden, cache, ids, lengths, captured)
+    return Prefill(embeds, hidden, cache, ids, lengths, captured)
 
 
 @torch.inference_mode()
 def generate_tokens(thinker: Thinker, inputs: Sequence[ProcessedInputs], sampler: Sampler,
-                    max_new_tokens: int, stop_ids: Sequence[int]) -> Iterator[Step]:
-    """Yield one Step per decode step until every row has stopped."""
+                    max_new_tokens: int, stop_ids: Sequence[int],
+                    capture: int | None = None) -> Iterator[Prefill | Step]:
+    """Yield the Prefill (with the hidden state after `capture` layers if asked), then one Step
+    per decode step until every row has stopped."""
     device = thinker.lm_head.weight.device
     b = len(inputs)
-    pre = prefill(thinker, inputs, max_new_tokens)
+    pre = prefill(thinker, inputs, max_new_tokens, capture)
+    yield pre
     cache, ids, lengths = pre.cache, pre.ids, pre.lengths
     logits = thinker.logits(pre.hidden[torch.arange(b, device=device), lengths - 1])
     delta = torch.tensor([x.rope_delta for x in inputs], dtype=torch.float32, device=device)
