@@ -1,16 +1,35 @@
-"""Command line: `qomni generate | make-tiny` (also `python -m qomni`)."""
+"""Command line: `qomni generate | serve | make-tiny` (also `python -m qomni`)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from qomni import Finished, Omni, SamplingParams, TextDelta
+def write_wav(path: str, pcm, sample_rate: int) -> None:
+    """Mono float32 [-1, 1] samples -> 16-bit PCM WAV."""
+    import wave
 
-    omni = Omni.load(args.model, dtype=args.dtype, device=args.device, progress=not args.quiet)
+    import numpy as np
+
+    data = (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    with wave.open(path, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sample_rate)
+        f.writeframes(data)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from qomni import AudioChunk, Finished, Omni, SamplingParams, TextDelta
+
+    speak = args.output is not None
+    omni = Omni.load(args.model, dtype=args.dtype, device=args.device, progress=not args.quiet,
+                     audio_output=speak)
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -19,9 +38,13 @@ def _generate(args: argparse.Namespace) -> int:
     if args.temperature is not None and args.temperature > 0:
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k,
                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    audio = []
     for event in omni.stream(messages, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                             seed=args.seed):
-        if isinstance(event, TextDelta):
+                             seed=args.seed, return_audio=speak, speaker=args.speaker,
+                             max_audio_frames=args.max_audio_frames):
+        if isinstance(event, AudioChunk):
+            audio.append(event.pcm)
+        elif isinstance(event, TextDelta):
             sys.stdout.write(event.text)
             sys.stdout.flush()
         elif isinstance(event, Finished):
@@ -30,6 +53,44 @@ def _generate(args: argparse.Namespace) -> int:
                 u = event.usage
                 print(f"[{event.reason}: {u.prompt_tokens} prompt + {u.completion_tokens} "
                       "generated tokens]", file=sys.stderr)
+    if speak:
+        pcm = np.concatenate(audio) if audio else np.zeros(0, np.float32)
+        write_wav(args.output, pcm, omni.config.code2wav.sample_rate)
+        if not args.quiet:
+            print(f"[wrote {pcm.shape[0] / omni.config.code2wav.sample_rate:.2f} s of speech to "
+                  f"{args.output}]", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from qomni.server import Limits, create_app
+    except ImportError as e:
+        raise RuntimeError(f"`qomni serve` needs the server packages ({e.name} is missing): "
+                           "pip install 'qomni[serve]'") from None
+    from qomni import Omni
+
+    if args.model is None:
+        print("qomni: no --model given: serving the tiny random demo checkpoint (its output is "
+              "noise)", file=sys.stderr)
+    if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
+        raise FileNotFoundError(f"--allowed-local-media-path {args.allowed_local_media_path!r} "
+                                "is not a directory")
+    omni = Omni.load(args.model, dtype=args.dtype, device=args.device)
+    name = args.served_model_name or args.model or "qomni-tiny-demo"
+    limits = Limits(max_request_bytes=args.max_request_mb * 1024 * 1024,
+                    max_media_items=args.max_media_items,
+                    max_media_seconds=args.max_media_seconds)
+    app = create_app(omni, model_name=name,
+                     api_key=args.api_key or os.environ.get("QOMNI_API_KEY") or None,
+                     allowed_local_media_path=args.allowed_local_media_path,
+                     allow_remote_media=args.allow_remote_media, limits=limits)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"qomni: serving {name!r} at http://{host}:{args.port}/v1 (OpenAI API: "
+          "/v1/chat/completions, /v1/models; also /health, /metrics)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -56,11 +117,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int)
+    g.add_argument("--output", help="also speak the answer and write it to this WAV file")
+    g.add_argument("--speaker", help="voice for --output: Ethan (default), Chelsie, Aiden")
+    g.add_argument("--max-audio-frames", type=int,
+                   help="cap on speech length in 80 ms frames (default: the checkpoint's)")
     g.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, "
                    "fp32 on CPU)")
     g.add_argument("--device", help="cpu | cuda | cuda:N")
     g.add_argument("--quiet", action="store_true", help="print only the answer")
     g.set_defaults(func=_generate)
+
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    s.add_argument("--model", help="checkpoint directory or cached hub id "
+                   "(default: a tiny random demo checkpoint)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", help="the model id clients send (default: --model)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set QOMNI_API_KEY)")
+    s.add_argument("--allowed-local-media-path", metavar="DIR",
+                   help="let requests name local media files under DIR (default: none)")
+    s.add_argument("--allow-remote-media", action="store_true",
+                   help="let requests name http(s) media URLs, which the server fetches")
+    s.add_argument("--max-request-mb", type=int, default=64, help="largest request body")
+    s.add_argument("--max-media-items", type=int, default=16, help="media parts per request")
+    s.add_argument("--max-media-seconds", type=float, default=600.0,
+                   help="longest audio input")
+    s.add_argument("--dtype", help="float32 | bfloat16 | float16")
+    s.add_argument("--device", help="cpu | cuda | cuda:N")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=_serve)
 
     t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint")
     t.add_argument("dir")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
+import queue
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +17,11 @@ import numpy as np
 import torch
 
 from qomni.config import OmniConfig
-from qomni.engine.generate import Step, generate_tokens, prefill
-from qomni.engine.speech import build_talker_prompt, talker_frames, talker_sampling_defaults, \
-    trailing_text
+from qomni.engine.engine import Engine
+from qomni.engine.generate import prefill
+from qomni.engine.loop import EngineLoop
+from qomni.engine.request import Request, new_speech
+from qomni.engine.speech import code_predictor_sampling, talker_sampling_defaults
 from qomni.events import AudioChunk, Finished, GenerateOutput, TextDelta, Usage
 from qomni.models.omni import OmniModel
 from qomni.multimodal.chat import StreamDecoder
@@ -68,8 +73,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 class Omni:
     def __init__(self, model: OmniModel, processor: Processor, path: Path,
-                 generation_config: dict[str, Any]):
+                 generation_config: dict[str, Any], **engine_options: Any):
         self.model = model
+        self.engine_options = engine_options
+        self._engine_loop: EngineLoop | None = None
+        self._loop_lock = threading.Lock()
         self.config = model.cfg
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -81,7 +89,9 @@ class Omni:
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
              device: str | torch.device | None = None, audio_output: bool | None = None,
-             progress: bool = True) -> Omni:
+             progress: bool = True, **engine_options: Any) -> Omni:
+        """Load a checkpoint. `engine_options` size the engine: max_num_seqs (8),
+        max_model_len (4096), max_talker_len, first_chunk_frames (4), chunk_frames (25)."""
         path = resolve_model_path(model)
         cfg = OmniConfig.from_hf(path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -98,7 +108,7 @@ class Omni:
         net.to(device).eval()
         gen_file = path / "generation_config.json"
         gen_cfg = json.loads(gen_file.read_text()) if gen_file.exists() else {}
-        return cls(net, Processor(path, cfg), path, gen_cfg)
+        return cls(net, Processor(path, cfg), path, gen_cfg, **engine_options)
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -120,123 +130,139 @@ class Omni:
                  return_audio: bool | None = None, max_audio_frames: int | None = None,
                  use_audio_in_video: bool = False, seed: int | None = None,
                  **template_kwargs: Any) -> GenerateOutput | list[GenerateOutput]:
-        """Answer one conversation (or a list of them, as a batch). With speech output, also
+        """Answer one conversation (or a list of them, run as a batch). With speech output, also
         returns `audio` (float32, 24 kHz) and `codes` [num_code_groups, frames]."""
         batched = _is_batch(messages)
         convs = list(messages) if batched else [messages]
-        speak, speaker_id = self._audio_request(return_audio, speaker)
-        inputs = [self.process(c, use_audio_in_video, **template_kwargs) for c in convs]
-        text = self._thinker(inputs, sampling, seed, max_new_tokens, speak)
-        outs = []
-        for x, (tokens, reason) in zip(inputs, text.results):
-            ids = tokens[:-1] if reason == "stop" else tokens
-            outs.append(GenerateOutput(text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                                       token_ids=ids, finish_reason=reason,
-                                       usage=Usage(len(x), len(tokens))))
-        if speak:
-            codes = self._speak(inputs, text, speaker_id, talker_sampling, seed, max_audio_frames)
-            for out, c in zip(outs, codes):
-                out.codes, out.usage.audio_frames = c, c.shape[1]
-                out.audio = self._vocode(c)
-                out.sample_rate = self.config.code2wav.sample_rate
+        reqs = [self._request(c, max_new_tokens, sampling, talker_sampling, speaker,
+                              return_audio, max_audio_frames, use_audio_in_video, seed,
+                              template_kwargs) for c in convs]
+        inbox: queue.Queue = queue.Queue()
+        loop = self._loop()
+        for req in reqs:
+            loop.submit(req, lambda ev, req=req: inbox.put((req, ev)))
+        audio: dict[str, list[np.ndarray]] = {r.id: [] for r in reqs}
+        pending = len(reqs)
+        while pending:
+            req, ev = inbox.get()
+            if isinstance(ev, Exception):
+                for other in reqs:
+                    loop.abort(other)
+                raise ev
+            if isinstance(ev, AudioChunk):
+                audio[req.id].append(ev.pcm)
+            elif isinstance(ev, Finished):
+                pending -= 1
+        outs = [self._output(r, audio[r.id]) for r in reqs]
         return outs if batched else outs[0]
 
-    def stream(self, messages: Conversation, *, max_new_tokens: int = 1024,
-               sampling: SamplingParams | None = None,
-               talker_sampling: SamplingParams | None = None, speaker: str | None = None,
-               return_audio: bool | None = None, max_audio_frames: int | None = None,
-               use_audio_in_video: bool = False, seed: int | None = None,
-               **template_kwargs: Any) -> Iterator[TextDelta | AudioChunk | Finished]:
-        """Yield TextDelta events as text is decoded, AudioChunk events with speech output,
-        then one Finished event."""
+    def stream(self, messages: Conversation, **kwargs: Any
+               ) -> Iterator[TextDelta | AudioChunk | Finished]:
+        """Same arguments as generate(), one conversation. Yields TextDelta as text is decoded
+        and AudioChunk as speech is vocoded (the first audio long before the text ends), then one
+        Finished. Closing the iterator early aborts the request and frees what it holds."""
         if _is_batch(messages):
             raise ValueError("stream() takes one conversation; use generate() for a batch")
-        speak, speaker_id = self._audio_request(return_audio, speaker)
-        inputs = self.process(messages, use_audio_in_video, **template_kwargs)
-        decoder = StreamDecoder(self.tokenizer)
-        text = _ThinkerRun(self.model.thinker, [inputs], self._sampler(sampling, seed, 1),
-                           max_new_tokens, self._stop_ids(),
-                           self._accept_layer() if speak else None)
-        pending: list[int] = []
-        for step in text.steps():
-            tok = int(step.tokens[0])
-            if step.reasons[0] == "stop":
-                break
-            pending.append(tok)
-            delta = decoder.push([tok])
-            if delta:
-                yield TextDelta(delta, pending)
-                pending = []
-        tail = decoder.flush()
-        if tail or pending:
-            yield TextDelta(tail, pending)
-        tokens, reason = text.results[0]
-        usage = Usage(len(inputs), len(tokens))
-        if speak:
-            (codes,) = self._speak([inputs], text, speaker_id, talker_sampling, seed,
-                                   max_audio_frames)
-            usage.audio_frames = codes.shape[1]
-            if codes.shape[1]:
-                yield AudioChunk(self._vocode(codes), self.config.code2wav.sample_rate)
-        yield Finished(reason, usage)
+        req = self._request_from(messages, kwargs)
+        inbox: queue.Queue = queue.Queue()
+        loop = self._loop()
+        loop.submit(req, inbox.put)
+        try:
+            while True:
+                ev = inbox.get()
+                if isinstance(ev, Exception):
+                    raise ev
+                yield ev
+                if isinstance(ev, Finished):
+                    return
+        finally:
+            if not req.finished:
+                loop.abort(req)
+
+    async def astream(self, messages: Conversation, **kwargs: Any
+                      ) -> AsyncIterator[TextDelta | AudioChunk | Finished]:
+        """stream() for asyncio: the model runs on the engine thread, never on the event loop.
+        Cancelling the consumer aborts the request."""
+        if _is_batch(messages):
+            raise ValueError("astream() takes one conversation")
+        req = await asyncio.to_thread(self._request_from, messages, kwargs)
+        inbox: asyncio.Queue = asyncio.Queue()
+        aio = asyncio.get_running_loop()
+        loop = self._loop()
+        loop.submit(req, lambda ev: aio.call_soon_threadsafe(inbox.put_nowait, ev))
+        try:
+            while True:
+                ev = await inbox.get()
+                if isinstance(ev, Exception):
+                    raise ev
+                yield ev
+                if isinstance(ev, Finished):
+                    return
+        finally:
+            if not req.finished:
+                loop.abort(req)
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _thinker(self, inputs: list[ProcessedInputs], sampling: SamplingParams | None,
-                 seed: int | None, max_new_tokens: int, speak: bool) -> _ThinkerRun:
-        run = _ThinkerRun(self.model.thinker, inputs, self._sampler(sampling, seed, len(inputs)),
-                          max_new_tokens, self._stop_ids(),
-                           self._accept_layer() if speak else None)
-        for _ in run.steps():
-            pass
-        return run
+    def _request_from(self, messages: Conversation, kwargs: dict[str, Any]) -> Request:
+        names = ("max_new_tokens", "sampling", "talker_sampling", "speaker", "return_audio",
+                 "max_audio_frames", "use_audio_in_video", "seed")
+        defaults = dict(max_new_tokens=1024, sampling=None, talker_sampling=None, speaker=None,
+                        return_audio=None, max_audio_frames=None, use_audio_in_video=False,
+                        seed=None)
+        args = {k: kwargs.pop(k, defaults[k]) for k in names}
+        return self._request(messages, template_kwargs=kwargs, **args)
 
-    def _speak(self, inputs: list[ProcessedInputs], text: _ThinkerRun, speaker_id: int,
-               talker_sampling: SamplingParams | None, seed: int | None,
-               max_audio_frames: int | None) -> list[torch.Tensor]:
-        """Codec codes [G, F] per row for the thinker's finished answers."""
-        pre = text.prefill
-        with torch.inference_mode():
-            prompts, trailing = [], []
-            for b, (x, (tokens, _)) in enumerate(zip(inputs, text.results)):
-                n = len(x)
-                prompts.append(build_talker_prompt(self.model, x, pre.embeds[b, :n],
-                                                   pre.captured[b, :n], tokens[0], speaker_id))
-                trailing.append(trailing_text(self.model, tokens))
-            params = talker_sampling or talker_sampling_defaults(self.generation_config)
-            if seed is not None and params.seed is None:
-                params = dataclasses.replace(params, seed=seed)
-            if max_audio_frames is None:
-                max_audio_frames = int(self.generation_config.get("talker_max_new_tokens", 4096)) - 1
-            frames: list[list[torch.Tensor]] = [[] for _ in inputs]
-            for step in talker_frames(self.model, prompts, trailing, params, max_audio_frames):
-                for b in step.emitted.nonzero().flatten().tolist():
-                    frames[b].append(step.codes[b])
-        g = self.config.talker.num_code_groups
-        return [torch.stack(f, dim=1).cpu() if f else torch.zeros(g, 0, dtype=torch.long)
-                for f in frames]
+    def _request(self, conv: Conversation, max_new_tokens: int, sampling: SamplingParams | None,
+                 talker_sampling: SamplingParams | None, speaker: str | None,
+                 return_audio: bool | None, max_audio_frames: int | None,
+                 use_audio_in_video: bool, seed: int | None,
+                 template_kwargs: dict[str, Any]) -> Request:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        speak, speaker_id = self._audio_request(return_audio, speaker)
+        inputs = self.process(conv, use_audio_in_video, **template_kwargs)
+        params = _seeded(sampling or GREEDY, seed)
+        speech = None
+        if speak:
+            talker = _seeded(talker_sampling or talker_sampling_defaults(self.generation_config),
+                             seed)
+            if max_audio_frames is None:  # the reference's cap counts the final EOS step too
+                max_audio_frames = int(self.generation_config.get("talker_max_new_tokens",
+                                                                  4096)) - 1
+            if max_audio_frames < 1:
+                raise ValueError(f"max_audio_frames must be >= 1, got {max_audio_frames}")
+            speech = new_speech(speaker_id, talker, code_predictor_sampling(talker),
+                                max_audio_frames, self.device)
+        return Request(inputs, Sampler([params], self.device), max_new_tokens,
+                       StreamDecoder(self.tokenizer), speech)
 
-    @torch.inference_mode()
-    def _vocode(self, codes: torch.Tensor) -> np.ndarray:
-        if codes.shape[1] == 0:
-            return np.zeros(0, dtype=np.float32)
-        wav = self.model.code2wav(codes[None].to(self.device))
-        return wav[0, 0].cpu().numpy()
+    def _output(self, req: Request, audio: list[np.ndarray]) -> GenerateOutput:
+        ids = req.text_ids()
+        out = GenerateOutput(text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                             token_ids=ids, finish_reason=req.finish_reason or "abort",
+                             usage=req.usage())
+        if req.speech is not None:
+            g = self.config.talker.num_code_groups
+            codes = req.speech.codes
+            out.codes = (torch.stack(codes, dim=1).cpu() if codes
+                         else torch.zeros(g, 0, dtype=torch.long))
+            out.audio = np.concatenate(audio) if audio else np.zeros(0, np.float32)
+            out.sample_rate = self.config.code2wav.sample_rate
+        return out
 
-    def _accept_layer(self) -> int:
-        return self.config.talker.accept_hidden_layer
+    def _loop(self) -> EngineLoop:
+        with self._loop_lock:
+            if self._engine_loop is None:
+                engine = Engine(self.model, self._stop_ids(), **self.engine_options)
+                self._engine_loop = EngineLoop(engine)
+            return self._engine_loop
 
     def _stop_ids(self) -> list[int]:
         ids = {self.config.tokens.im_end}
         eos = self.generation_config.get("eos_token_id")
         ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
         return sorted(ids)
-
-    def _sampler(self, sampling: SamplingParams | None, seed: int | None, n: int) -> Sampler:
-        params = sampling or GREEDY
-        if seed is not None:
-            params = dataclasses.replace(params, seed=seed)
-        return Sampler([params] * n, self.device)
 
     def _audio_request(self, return_audio: bool | None, speaker: str | None) -> tuple[bool, int]:
         """(speak?, speaker codec id). return_audio=None means "if the talker is loaded"."""
@@ -253,24 +279,9 @@ class Omni:
         return True, self.config.talker.speaker(speaker or DEFAULT_SPEAKER)
 
 
-class _ThinkerRun:
-    """Drives `generate_tokens` and keeps what later stages need: the prefill (embeddings and
-    captured hidden states) and each row's generated tokens (including the final one) and finish
-    reason."""
-
-    def __init__(self, thinker, inputs, sampler, max_new_tokens, stop_ids, capture):
-        self._it = generate_tokens(thinker, inputs, sampler, max_new_tokens, stop_ids, capture)
-        self.prefill = next(self._it)
-        self.results: list[tuple[list[int], str]] = [([], "length") for _ in inputs]
-
-    def steps(self) -> Iterator[Step]:
-        for step in self._it:
-            for b, (tok, act) in enumerate(zip(step.tokens.tolist(), step.active.tolist())):
-                if act:
-                    self.results[b][0].append(tok)
-                    if step.reasons[b] is not None:
-                        self.results[b] = (self.results[b][0], step.reasons[b])
-            yield step
+def _seeded(params: SamplingParams, seed: int | None) -> SamplingParams:
+    return params if seed is None or params.seed is not None else \
+        dataclasses.replace(params, seed=seed)
 
 
 def _is_batch(messages: Any) -> bool:

@@ -100,8 +100,10 @@ TINY_CONFIG: dict[str, Any] = {
     },
 }
 
-# generation_config.json of the published Instruct checkpoint (talker sampling only).
-GENERATION_CONFIG = {"talker_max_new_tokens": 4096, "talker_repetition_penalty": 1.05,
+# generation_config.json of the published Instruct checkpoint (talker sampling only), except
+# talker_max_new_tokens: random weights never emit the codec EOS, so tiny checkpoints cap their
+# noise at 64 frames (5 s) instead of 4096.
+GENERATION_CONFIG = {"talker_max_new_tokens": 65, "talker_repetition_penalty": 1.05,
                      "talker_temperature": 0.9, "talker_top_k": 50, "talker_top_p": 1.0}
 
 PREPROCESSOR_CONFIG = {
@@ -122,7 +124,7 @@ OMNI_TOKENS = ["<|audio_start|>", "<|audio_end|>", "<tts_pad>", "<tts_text_bos>"
 
 ASSETS = Path(__file__).parent / "assets"
 # Bump when the tiny layout changes, so cached demo checkpoints are rebuilt.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 
 def _qwen3_tokenizer_dir() -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from qomni.tiny import ASSETS, PREPROCESSOR_CONFIG, TINY_CONFIG, write_tokenizer
+from qomni.tiny import ASSETS, GENERATION_CONFIG, PREPROCESSOR_CONFIG, TINY_CONFIG, write_tokenizer
 
 _ROPE = {"rope_type": "default", "interleaved": True, "mrope_interleaved": True}
 
@@ -59,6 +59,7 @@ def save_hf_checkpoint(name: str, dest: Path, seed: int = 0):
     template = (ASSETS / "chat_template.jinja").read_text()
     (dest / "chat_template.json").write_text(json.dumps({"chat_template": template}))
     (dest / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
+    (dest / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
     return model
 
 

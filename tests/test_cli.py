@@ -53,3 +53,20 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
     out = run("generate", "--model", str(tmp_path / "missing"), "--prompt", "x", check=False)
     assert out.returncode == 2
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_generate_speaks_to_a_playable_wav(tiny_dir, tmp_path):
+    import wave
+
+    out_wav = tmp_path / "reply.wav"
+    run("generate", "--model", str(tiny_dir), "--prompt", "Say hello", "--max-new-tokens", "4",
+        "--speaker", "Chelsie", "--output", str(out_wav), "--max-audio-frames", "6", "--quiet")
+    with wave.open(str(out_wav)) as w:
+        assert w.getframerate() == 24000 and w.getnchannels() == 1 and w.getsampwidth() == 2
+        assert w.getnframes() == 1920 * 6 - 555  # the tiny model never says EOS: capped
+
+
+def test_unknown_voice_is_a_clear_error(tiny_dir, tmp_path):
+    out = run("generate", "--model", str(tiny_dir), "--prompt", "x", "--speaker", "Robot",
+              "--output", str(tmp_path / "x.wav"), check=False)
+    assert out.returncode == 2 and "available voices" in out.stderr

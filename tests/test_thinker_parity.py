@@ -27,7 +27,7 @@ def _diff(a, b):
 def test_input_ids_match_transformers(name, hf_tiny, omni_tiny):
     path, _ = hf_tiny(name)
     processor = hf_processor(path)
-    omni = omni_tiny(name)
+    omni = omni_tiny(name, audio_output=False)
     for conv in CONVERSATIONS:
         ref = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True,
                                             return_dict=True)["input_ids"]
@@ -37,7 +37,7 @@ def test_input_ids_match_transformers(name, hf_tiny, omni_tiny):
 @pytest.mark.parametrize("name", ["a", "b"])
 def test_prompt_logits_match(name, hf_tiny, omni_tiny):
     _, hf = hf_tiny(name)
-    omni = omni_tiny(name)
+    omni = omni_tiny(name, audio_output=False)
     for conv in CONVERSATIONS:
         inputs = omni.process(conv)
         ours = omni.prompt_logits(inputs)
@@ -50,7 +50,7 @@ def test_prompt_logits_match(name, hf_tiny, omni_tiny):
 @pytest.mark.parametrize("name", ["a", "b"])
 def test_greedy_tokens_match_thinker_generate(name, hf_tiny, omni_tiny):
     _, hf = hf_tiny(name)
-    omni = omni_tiny(name)
+    omni = omni_tiny(name, audio_output=False)
     im_end = omni.config.tokens.im_end
     for conv in CONVERSATIONS[:2]:
         inputs = omni.process(conv)
@@ -67,7 +67,7 @@ def test_greedy_tokens_match_thinker_generate(name, hf_tiny, omni_tiny):
 
 @pytest.mark.parametrize("name", ["a", "b"])
 def test_batch_equals_single_runs(name, omni_tiny):
-    omni = omni_tiny(name)
+    omni = omni_tiny(name, audio_output=False)
     singles = [omni.generate(c, max_new_tokens=12) for c in CONVERSATIONS]
     batch = omni.generate(CONVERSATIONS, max_new_tokens=12)
     assert isinstance(batch, list) and len(batch) == 3
@@ -83,7 +83,7 @@ def test_batched_prefill_logits_equal_single(omni_tiny):
     """Right-padded rows see exactly their own tokens: last-position logits match single runs."""
     from qomni.engine.generate import prefill
 
-    omni = omni_tiny("a")
+    omni = omni_tiny("a", audio_output=False)
     inputs = [omni.process(c) for c in CONVERSATIONS]
     thinker = omni.model.thinker
     with torch.inference_mode():
@@ -97,7 +97,7 @@ def test_batched_prefill_logits_equal_single(omni_tiny):
 def test_stream_equals_generate(omni_tiny):
     from qomni import Finished, TextDelta
 
-    omni = omni_tiny("a")
+    omni = omni_tiny("a", audio_output=False)
     conv = CONVERSATIONS[1]
     out = omni.generate(conv, max_new_tokens=20)
     events = list(omni.stream(conv, max_new_tokens=20))

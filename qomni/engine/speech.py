@@ -16,16 +16,16 @@ never becomes a frame.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from qomni.config import OmniConfig
+from qomni.config import OmniConfig, SpecialTokens
 from qomni.models.omni import OmniModel
 from qomni.multimodal.positions import rope_index
 from qomni.multimodal.processor import ProcessedInputs
-from qomni.sampling import Sampler, SamplingParams
+from qomni.sampling import SamplingParams
 
 # The reference's code-predictor sampling when the talker samples (fixed, not in any config).
 CODE_PREDICTOR_SAMPLING = SamplingParams(temperature=1.0, top_k=50, top_p=0.8)
@@ -88,18 +88,57 @@ def build_talker_prompt(model: OmniModel, x: ProcessedInputs, embeds: torch.Tens
     has_media = x.media.audio_lengths is not None or x.media.image_grid_thw is not None \
         or x.media.video_grid_thw is not None
     if has_media:
+        pos_ids, videos, spg, audios = talker_id_view(
+            talker_ids.tolist(), tok, _grids(x.media.video_grid_thw),
+            _values(x.media.video_second_per_grid), _values(x.media.audio_lengths))
         positions, delta = rope_index(
-            talker_ids.cpu(), tok,
-            image_grids=_grids(x.media.image_grid_thw), video_grids=_grids(x.media.video_grid_thw),
-            audio_lengths=x.media.audio_lengths.tolist() if x.media.audio_lengths is not None
-            else (),
+            pos_ids, tok, image_grids=_grids(x.media.image_grid_thw), video_grids=videos,
+            video_second_per_grid=spg, audio_lengths=audios,
             # The talker's config has no audio n_window (the reference's Q1 bug); it is the
             # thinker's, which is what the reference uses once patched.
             n_window=cfg.thinker.audio.n_window, merge_size=tcfg.spatial_merge_size,
-            position_id_per_seconds=tcfg.position_id_per_seconds)
+            position_id_per_seconds=tcfg.position_id_per_seconds,
+            use_audio_in_video=x.use_audio_in_video)
     else:
         positions, delta = torch.arange(prompt.shape[0]).float().expand(3, -1), 0.0
     return TalkerPrompt(prompt, positions.to(prompt.device), delta)
+
+
+def talker_id_view(ids: list[int], tok: SpecialTokens, video_grids: list, spg: list,
+                   audio_lengths: list) -> tuple[list[int], list, list, list]:
+    """The talker prompt's ids and media lists as the reference's talker positions see them.
+
+    The reference never passes use_audio_in_video to its talker (its generate() forwards only
+    the grids), so the talker's position walk recognises an audio-in-video block only while an
+    image is still ahead of it; a block after the last image is read as an audio clip followed by
+    text, which gives each of its tokens the next text position. Such blocks become text here
+    (their video and sound track leave the lists), so `rope_index` reproduces the reference."""
+    image_starts = [i for i in range(len(ids) - 1)
+                    if ids[i] == tok.vision_start and ids[i + 1] == tok.image]
+    last_image = image_starts[-1] if image_starts else -1
+    out = list(ids)
+    keep_video, keep_audio = [], []
+    n_video = n_audio = 0
+    i = 0
+    while i < len(ids) - 1:
+        if ids[i] == tok.vision_start and ids[i + 1] == tok.audio_start:
+            end = ids.index(tok.vision_end, i)
+            if i > last_image:
+                out[i: end + 1] = [tok.tts_pad] * (end + 1 - i)  # any non-media id is text
+            else:
+                keep_video.append(n_video)
+                keep_audio.append(n_audio)
+            n_video, n_audio, i = n_video + 1, n_audio + 1, end + 1
+            continue
+        if ids[i] == tok.vision_start and ids[i + 1] == tok.video:
+            keep_video.append(n_video)
+            n_video += 1
+        elif ids[i] == tok.audio_start:
+            keep_audio.append(n_audio)
+            n_audio += 1
+        i += 1
+    return (out, [video_grids[k] for k in keep_video], [spg[k] for k in keep_video],
+            [audio_lengths[k] for k in keep_audio])
 
 
 def special_embeds(model: OmniModel, ids: Sequence[int]) -> list[torch.Tensor]:
@@ -109,83 +148,23 @@ def special_embeds(model: OmniModel, ids: Sequence[int]) -> list[torch.Tensor]:
     return list(model.talker.text_projection(e))
 
 
-def trailing_text(model: OmniModel, generated: Sequence[int]) -> torch.Tensor:
-    """What the talker adds at steps 1, 2, ...: the generated tokens after the first, except the
-    last one (the reference never embeds the final token, EOS or not), then tts_eos. [T, D]"""
-    tok = model.cfg.tokens
-    middle = list(generated[1:-1])
-    device = model.thinker.lm_head.weight.device
-    ids = torch.tensor(middle + [tok.tts_eos], device=device)
-    return model.talker.text_projection(model.thinker.embed(ids))
+def trailing_token(tokens: Sequence[int], text_done: bool, n: int) -> int | str | None:
+    """What talker step n (after frame n's code0) adds to its input, given the thinker's tokens
+    so far (including a final stop token once `text_done`): a token id, "eos", "pad", or None
+    when the thinker has not yet produced what is needed.
+
+    The reference's trailing text is the generated tokens after the first, without the last
+    one (it is never embedded, EOS or not), then tts_eos, then tts_pad for ever."""
+    if not text_done:
+        # g_{n+1} exists and is not the last token (that one arrives with text_done set).
+        return tokens[n + 1] if len(tokens) > n + 1 else None
+    eos_at = max(len(tokens) - 2, 0)
+    if n < eos_at:
+        return tokens[n + 1]
+    return "eos" if n == eos_at else "pad"
 
 
-@dataclass
-class Frames:
-    """One talker step: codes [B, G] of the rows in `emitted` (frames), and rows that ended."""
-
-    codes: torch.Tensor
-    emitted: torch.Tensor  # [B] bool
-    ended: torch.Tensor  # [B] bool
-
-
-@torch.inference_mode()
-def talker_frames(model: OmniModel, prompts: Sequence[TalkerPrompt],
-                  trailing: Sequence[torch.Tensor], sampling: SamplingParams,
-                  max_frames: int) -> Iterator[Frames]:
-    """Yield one Frames per talker step until every row has emitted EOS or `max_frames`."""
-    talker, tcfg = model.talker, model.cfg.talker
-    device = talker.codec_head.weight.device
-    b = len(prompts)
-    lengths = torch.tensor([p.embeds.shape[0] for p in prompts], device=device)
-    p_max = int(lengths.max())
-    embeds = torch.zeros(b, p_max, tcfg.text.hidden_size, dtype=prompts[0].embeds.dtype,
-                         device=device)
-    pos = torch.zeros(3, b, p_max, device=device)
-    for row, p in enumerate(prompts):
-        embeds[row, : p.embeds.shape[0]] = p.embeds
-        pos[:, row, : p.embeds.shape[0]] = p.positions
-    cache = talker.new_cache(b, p_max + max_frames)
-    hidden = talker(embeds, pos, cache, lengths)
-    hidden = hidden[torch.arange(b, device=device), lengths - 1]  # [B, D]
-
-    sampler = Sampler([sampling] * b, device)
-    code_sampler = Sampler([_code_predictor_sampling(sampling)] * b, device)
-    vocab = tcfg.text.vocab_size
-    suppress = torch.ones(vocab, dtype=torch.bool, device=device)
-    suppress[: tcfg.code_predictor.vocab_size] = False  # only codebook-0 codes and EOS
-    suppress[tcfg.codec_eos_token_id] = False
-    seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
-    delta = torch.tensor([p.rope_delta for p in prompts], device=device)
-    (pad,) = special_embeds(model, [model.cfg.tokens.tts_pad])
-    rows = torch.arange(b, device=device)
-
-    code0 = _sample(talker, hidden, sampler, seen, suppress)
-    active = code0 != tcfg.codec_eos_token_id
-    for n in range(max_frames):
-        if not bool(active.any()):
-            return
-        codes, codec_next = talker.predict_residuals(hidden, code0, code_sampler)
-        last = n + 1 == max_frames
-        seen[rows, code0] = True
-        if last:
-            yield Frames(codes, active.clone(), active.clone())
-            return
-        text = torch.stack([t[n] if n < t.shape[0] else pad for t in trailing])
-        p = (cache.lengths + delta).view(1, b, 1).expand(3, b, 1)
-        hidden = talker((codec_next + text)[:, None], p, cache, active.long())[:, 0]
-        code0 = _sample(talker, hidden, sampler, seen, suppress)
-        ended = active & (code0 == tcfg.codec_eos_token_id)
-        yield Frames(codes, active.clone(), ended)
-        active &= ~ended
-
-
-def _sample(talker, hidden: torch.Tensor, sampler: Sampler, seen: torch.Tensor,
-            suppress: torch.Tensor) -> torch.Tensor:
-    logits = talker.logits(hidden).float().masked_fill(suppress, float("-inf"))
-    return sampler(logits, seen)
-
-
-def _code_predictor_sampling(talker: SamplingParams) -> SamplingParams:
+def code_predictor_sampling(talker: SamplingParams) -> SamplingParams:
     """Greedy when the talker is greedy (as the reference mirrors do_sample), else the
     reference's fixed top-k 50 / top-p 0.8, seeded from the talker's seed."""
     if talker.greedy:
@@ -196,3 +175,7 @@ def _code_predictor_sampling(talker: SamplingParams) -> SamplingParams:
 
 def _grids(grid: torch.Tensor | None) -> list[tuple[int, ...]]:
     return [] if grid is None else [tuple(g) for g in grid.tolist()]
+
+
+def _values(x: torch.Tensor | None) -> list:
+    return [] if x is None else x.tolist()

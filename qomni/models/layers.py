@@ -46,6 +46,8 @@ class KVCache:
 
     Row b holds `lengths[b]` valid slots. Slot `max_len` is scratch: padded (invalid) tokens of a
     right-padded batch write there, so they never touch a valid slot, and it is always masked.
+    `rows(...)` gives a view on some rows, so sequences can join (prefill into a free row) and
+    step independently of the others.
     """
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
@@ -57,19 +59,77 @@ class KVCache:
         self.max_len = max_len
 
     def slots(self, n_new: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cache slots [B, S] for a step of `seq` tokens of which row b has `n_new[b]` valid, and
-        the key-visibility mask [B, 1, S, K] (causal, valid keys only)."""
-        start = self.lengths
-        pos = start[:, None] + torch.arange(seq, device=start.device)  # [B, S]
-        valid = torch.arange(seq, device=start.device)[None] < n_new[:, None]
-        slots = torch.where(valid, pos, torch.full_like(pos, self.max_len))
-        end = start + n_new
-        keys = torch.arange(int(end.max()), device=start.device)  # one host read per step
-        mask = (keys[None, None] <= pos[..., None]) & (keys[None, None] < end[:, None, None])
-        return slots, mask[:, None]
+        return step_slots(self.lengths, n_new, seq, self.max_len)
+
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, S, Hkv, Dh] at slots [B, S]; return the first n_keys cached keys and
+        values [B, Hkv, n_keys, Dh]."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[layer][rows, :, slots] = k
+        self.v[layer][rows, :, slots] = v
+        return self.k[layer][:, :, :n_keys], self.v[layer][:, :, :n_keys]
 
     def advance(self, n_new: torch.Tensor) -> None:
         self.lengths += n_new
+
+    def rows(self, rows: list[int]) -> CacheRows:
+        return CacheRows(self, rows)
+
+    def reset(self, rows: list[int]) -> None:
+        """Free rows for new sequences (their old entries are simply overwritten later)."""
+        self.lengths[rows] = 0
+
+
+class CacheRows:
+    """Some rows of a KVCache, stepping on their own. Contiguous rows are plain views; others
+    read their keys through one gather per layer."""
+
+    def __init__(self, cache: KVCache, rows: list[int]):
+        self.cache, self.max_len = cache, cache.max_len
+        device = cache.lengths.device
+        self.index = torch.tensor(rows, dtype=torch.long, device=device)
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        self.span = slice(rows[0], rows[0] + len(rows)) if contiguous else None
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.cache.lengths[self.span] if self.span else self.cache.lengths[self.index]
+
+    def slots(self, n_new: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return step_slots(self.lengths, n_new, seq, self.max_len)
+
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        if self.span:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            keys[self.span][rows, :, slots] = k
+            values[self.span][rows, :, slots] = v
+            return keys[self.span, :, :n_keys], values[self.span, :, :n_keys]
+        keys[self.index[:, None], :, slots] = k
+        values[self.index[:, None], :, slots] = v
+        return keys[self.index, :, :n_keys], values[self.index, :, :n_keys]
+
+    def advance(self, n_new: torch.Tensor) -> None:
+        if self.span:
+            self.cache.lengths[self.span] += n_new
+        else:
+            self.cache.lengths[self.index] += n_new
+
+
+def step_slots(start: torch.Tensor, n_new: torch.Tensor, seq: int,
+               scratch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache slots [B, S] for a step of `seq` tokens of which row b has `n_new[b]` valid, and
+    the key-visibility mask [B, 1, S, K] (causal, valid keys only). A row with nothing cached
+    and nothing new still sees slot 0, so attention stays finite for idle rows."""
+    pos = start[:, None] + torch.arange(seq, device=start.device)  # [B, S]
+    valid = torch.arange(seq, device=start.device)[None] < n_new[:, None]
+    slots = torch.where(valid, pos, torch.full_like(pos, scratch))
+    end = (start + n_new).clamp_min(1)
+    keys = torch.arange(int(end.max()), device=start.device)  # one host read per step
+    mask = (keys[None, None] <= pos[..., None]) & (keys[None, None] < end[:, None, None])
+    return slots, mask[:, None]
 
 
 class Attention(nn.Module):
@@ -89,7 +149,7 @@ class Attention(nn.Module):
         self.qk_norm = qk_norm
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                cache: KVCache, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                cache: KVCache | CacheRows, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
@@ -98,10 +158,6 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
-        rows = torch.arange(b, device=x.device)[:, None]
-        cache.k[layer][rows, :, slots] = k.transpose(1, 2)
-        cache.v[layer][rows, :, slots] = v
-        n_keys = mask.shape[-1]
-        keys, values = cache.k[layer][:, :, :n_keys], cache.v[layer][:, :, :n_keys]
+        keys, values = cache.update(layer, slots, k.transpose(1, 2), v, mask.shape[-1])
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

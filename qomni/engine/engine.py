@@ -1,0 +1,281 @@
+"""The engine: requests join and leave at step boundaries; each step runs the thinker, the
+talker (following the thinker token by token), the code predictor and the streaming vocoder.
+
+Legend: R rows (max_num_seqs), S tokens, D hidden, G codebooks, V vocabulary.
+
+Per step: (1) admit waiting requests into free cache rows and prefill them (their first token);
+(2) one thinker decode step for every request still writing text, batched; (3) talker prefill for
+speaking requests that have their first token, then one talker step, batched, for every request
+whose next text is known — code predictor for all their frames at once; (4) vocode pending
+frames in chunks (a small first chunk for latency, larger ones after); (5) retire finished
+requests and free their rows. Rows are reused: the caches are allocated once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+
+from qomni.engine.generate import embed_batch
+from qomni.engine.request import Request
+from qomni.engine.speech import build_talker_prompt, special_embeds, trailing_token
+from qomni.models.code2wav_stream import StreamingCode2Wav
+from qomni.models.omni import OmniModel
+from qomni.sampling import Sampler
+
+
+class Engine:
+    def __init__(self, model: OmniModel, stop_ids: Sequence[int], *, max_num_seqs: int = 8,
+                 max_model_len: int = 4096, max_talker_len: int = 4096 + 512,
+                 first_chunk_frames: int = 4, chunk_frames: int = 25):
+        self.model, self.cfg = model, model.cfg
+        self.device = model.thinker.lm_head.weight.device
+        self.stop = torch.tensor(sorted(stop_ids), device=self.device)
+        self.max_model_len = max_model_len
+        self.first_chunk, self.chunk = first_chunk_frames, chunk_frames
+        self.cache = model.thinker.model.new_cache(max_num_seqs, max_model_len)
+        self.free_rows = list(range(max_num_seqs))
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        if model.audio_output:
+            tcfg = self.cfg.talker
+            self.talker_cache = model.talker.new_cache(max_num_seqs, max_talker_len)
+            self.max_talker_len = max_talker_len
+            self.free_talker_rows = list(range(max_num_seqs))
+            tok = self.cfg.tokens
+            with torch.inference_mode():
+                self.tts_pad, self.tts_eos = special_embeds(model, (tok.tts_pad, tok.tts_eos))
+            suppress = torch.ones(tcfg.text.vocab_size, dtype=torch.bool, device=self.device)
+            suppress[: tcfg.code_predictor.vocab_size] = False  # codebook-0 codes and EOS only
+            suppress[tcfg.codec_eos_token_id] = False
+            self.suppress = suppress
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        n = len(req.inputs)
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens; this engine holds at most "
+                             f"{self.max_model_len} per sequence (max_model_len)")
+        req.max_new_tokens = max(1, min(req.max_new_tokens, self.max_model_len - n))
+        if req.speech is not None:
+            if not self.model.audio_output:
+                raise ValueError("speech output is not loaded")
+            room = self.max_talker_len - n - 9
+            if room < 1:
+                raise ValueError(f"the prompt has {n} tokens, too many for the talker cache "
+                                 f"({self.max_talker_len})")
+            req.speech.max_frames = min(req.speech.max_frames, room)
+        self.waiting.append(req)
+
+    def abort(self, req: Request) -> None:
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if not req.finished:
+            req.finish_reason = req.finish_reason or "abort"
+            self._release(req, "abort")
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self._admit()
+        self._decode()
+        if self.model.audio_output:
+            self._talk()
+            self._vocode()
+        for req in [r for r in self.running if self._complete(r)]:
+            self._release(req, req.finish_reason)
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_rows:
+            req = self.waiting[0]
+            if req.speech is not None and not self.free_talker_rows:
+                return
+            self.waiting.popleft()
+            req.row = self.free_rows.pop(0)
+            if req.speech is not None:
+                req.speech.row = self.free_talker_rows.pop(0)
+            self.running.append(req)
+            try:
+                self._prefill(req)
+            except Exception as e:  # a bad request fails alone
+                self._release(req, "error")
+                req.events.append(e)
+
+    def _prefill(self, req: Request) -> None:
+        thinker = self.model.thinker
+        self.cache.reset([req.row])
+        embeds, pos, _, lengths, deepstack = embed_batch(thinker, [req.inputs], self.device)
+        capture = self.cfg.talker.accept_hidden_layer if req.speech else None
+        hidden, captured = thinker(embeds, pos, self.cache.rows([req.row]), lengths, deepstack,
+                                   capture)
+        if req.speech is not None:
+            req.embeds, req.captured = embeds[0], captured[0]
+        if req.sampler.uses_penalty:  # the reference penalises prompt tokens too
+            req.seen = torch.zeros(self.cfg.thinker.text.vocab_size, dtype=torch.bool,
+                                   device=self.device)
+            req.seen[req.inputs.input_ids.to(self.device)] = True
+        self._accept([req], thinker.logits(hidden[:, -1]))
+
+    def _decode(self) -> None:
+        reqs = [r for r in self.running if r.tokens and not r.thinker_done]
+        if not reqs:
+            return
+        rows = [r.row for r in reqs]
+        view = self.cache.rows(rows)
+        delta = torch.tensor([r.inputs.rope_delta for r in reqs], device=self.device)
+        pos = (view.lengths + delta).view(1, -1, 1).expand(3, -1, 1)
+        last = torch.tensor([r.tokens[-1] for r in reqs], device=self.device)[:, None]
+        thinker = self.model.thinker
+        hidden, _ = thinker(thinker.embed(last), pos, view,
+                            torch.ones(len(reqs), dtype=torch.long, device=self.device))
+        self._accept(reqs, thinker.logits(hidden[:, 0]))
+
+    def _accept(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Sample each request's next token from logits [n, V] and record it."""
+        tokens = sample_rows(logits, [r.sampler for r in reqs], [r.seen for r in reqs])
+        stops = torch.isin(tokens, self.stop).tolist()
+        for req, tok, stop in zip(reqs, tokens.tolist(), stops):
+            if req.seen is not None:
+                req.seen[tok] = True
+            req.emit_token(tok, stop)
+            if stop or len(req.tokens) >= req.max_new_tokens:
+                req.finish_reason = "stop" if stop else "length"
+                req.emit_text_end()
+                self._free_thinker_row(req)  # the talker never reads the thinker cache
+
+    # -- speech ---------------------------------------------------------------------------------
+
+    def _talk(self) -> None:
+        talker = self.model.talker
+        new = [r for r in self.running
+               if r.speech and r.speech.hidden is None and not r.speech.done and r.tokens]
+        for req in new:
+            if req.finish_reason == "stop" and len(req.tokens) == 1:
+                req.speech.done = True  # an empty answer: nothing to say
+            else:
+                self._talker_prefill(req)
+        ready = []
+        for req in self.running:
+            sp = req.speech
+            if sp is None or sp.done or sp.hidden is None or req in new:
+                continue
+            text = trailing_token(req.tokens, req.thinker_done, sp.frames)
+            if text is not None:
+                ready.append((req, text))
+        if not ready:
+            return
+        reqs = [r for r, _ in ready]
+        hidden = torch.stack([r.speech.hidden for r in reqs])
+        code0 = torch.stack([r.speech.code0 for r in reqs])
+        samplers = [r.speech.code_sampler for r in reqs]
+        codes, codec_next = talker.predict_residuals(
+            hidden, code0, lambda logits: sample_rows(logits, samplers, [None] * len(samplers)))
+        go = []
+        for i, req in enumerate(reqs):
+            sp = req.speech
+            sp.pending.append(codes[i])
+            sp.codes.append(codes[i])
+            sp.frames += 1
+            sp.seen[code0[i]] = True
+            if sp.frames >= sp.max_frames:
+                sp.done = True
+            else:
+                go.append(i)
+        if not go:
+            return
+        text = torch.stack([self._text_embed(ready[i][1]) for i in go])
+        step_reqs = [reqs[i] for i in go]
+        view = self.talker_cache.rows([r.speech.row for r in step_reqs])
+        delta = torch.tensor([r.speech.rope_delta for r in step_reqs], device=self.device)
+        pos = (view.lengths + delta).view(1, -1, 1).expand(3, -1, 1)
+        out = talker((codec_next[go] + text)[:, None], pos, view,
+                     torch.ones(len(go), dtype=torch.long, device=self.device))
+        self._choose_code0(step_reqs, out[:, 0])
+
+    def _talker_prefill(self, req: Request) -> None:
+        sp = req.speech
+        prompt = build_talker_prompt(self.model, req.inputs, req.embeds, req.captured,
+                                     req.tokens[0], sp.speaker_id)
+        req.embeds = req.captured = None
+        self.talker_cache.reset([sp.row])
+        sp.rope_delta = prompt.rope_delta
+        sp.seen = torch.zeros(self.cfg.talker.text.vocab_size, dtype=torch.bool,
+                              device=self.device)
+        n = prompt.embeds.shape[0]
+        hidden = self.model.talker(prompt.embeds[None], prompt.positions[:, None],
+                                   self.talker_cache.rows([sp.row]),
+                                   torch.tensor([n], device=self.device))
+        self._choose_code0([req], hidden[:, -1])
+
+    def _choose_code0(self, reqs: list[Request], hidden: torch.Tensor) -> None:
+        logits = self.model.talker.logits(hidden).float().masked_fill(self.suppress, float("-inf"))
+        code0 = sample_rows(logits, [r.speech.sampler for r in reqs],
+                            [r.speech.seen for r in reqs])
+        eos = self.cfg.talker.codec_eos_token_id
+        for i, req in enumerate(reqs):
+            sp = req.speech
+            sp.hidden, sp.code0 = hidden[i], code0[i]
+            if int(code0[i]) == eos:
+                sp.done = True
+
+    def _text_embed(self, text: int | str) -> torch.Tensor:
+        if text == "eos":
+            return self.tts_eos
+        if text == "pad":
+            return self.tts_pad
+        ids = torch.tensor([text], device=self.device)
+        return self.model.talker.text_projection(self.model.thinker.embed(ids))[0]
+
+    def _vocode(self) -> None:
+        sample_rate = self.cfg.code2wav.sample_rate
+        for req in self.running:
+            sp = req.speech
+            if sp is None or not sp.pending:
+                continue
+            if sp.vocoder is None:
+                sp.vocoder = StreamingCode2Wav(self.model.code2wav)
+            need = self.first_chunk if sp.vocoder.frames == 0 else self.chunk
+            if len(sp.pending) >= need or sp.done:
+                pcm = sp.vocoder.push(torch.stack(sp.pending, dim=1))
+                sp.pending.clear()
+                req.emit_audio(pcm, sample_rate)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def _complete(self, req: Request) -> bool:
+        sp = req.speech
+        return req.thinker_done and (sp is None or (sp.done and not sp.pending))
+
+    def _free_thinker_row(self, req: Request) -> None:
+        if req.row is not None:
+            self.free_rows.append(req.row)
+            req.row = None
+
+    def _release(self, req: Request, reason: str) -> None:
+        self._free_thinker_row(req)
+        if req.speech is not None and req.speech.row is not None:
+            self.free_talker_rows.append(req.speech.row)
+            req.speech.row = None
+            req.speech.done = True
+        req.finished = True
+        req.embeds = req.captured = None
+        if req in self.running:
+            self.running.remove(req)
+        if reason != "error":
+            req.emit_finished(reason)
+
+
+def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler],
+                seen: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """Each row with its own request's sampler (own settings and generator): [n, V] -> [n]."""
+    if all(s.all_greedy and not s.uses_penalty for s in samplers):
+        return logits.argmax(-1)
+    return torch.cat([s(logits[i: i + 1], None if seen[i] is None else seen[i][None])
+                      for i, s in enumerate(samplers)])

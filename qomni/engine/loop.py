@@ -1,0 +1,66 @@
+"""Runs one Engine on a background thread. Requests are submitted and aborted from any thread
+(the caller's, or the server's event loop); each request's events go to its own callback."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from qomni.engine.engine import Engine
+from qomni.engine.request import Request
+
+Deliver = Callable[[object], None]  # receives events, or an Exception that ends the request
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._cv = threading.Condition()
+        self._inbox: list[tuple[Request, Deliver]] = []
+        self._aborts: list[Request] = []
+        self._callbacks: dict[str, tuple[Request, Deliver]] = {}
+        self._thread = threading.Thread(target=self._run, name="qomni-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: Request, deliver: Deliver) -> None:
+        with self._cv:
+            self._inbox.append((req, deliver))
+            self._cv.notify()
+
+    def abort(self, req: Request) -> None:
+        with self._cv:
+            self._aborts.append(req)
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._inbox or self._aborts or self.engine.has_work()):
+                    self._cv.wait()
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+            for req, deliver in inbox:
+                try:
+                    self.engine.add(req)
+                except Exception as e:  # e.g. a prompt longer than the cache: this request only
+                    deliver(e)
+                    continue
+                self._callbacks[req.id] = (req, deliver)
+            try:
+                for req in aborts:
+                    if req.id in self._callbacks:
+                        self.engine.abort(req)
+                self.engine.step()
+            except Exception as e:  # an engine failure ends the requests in flight, not the loop
+                for req in list(self.engine.running) + list(self.engine.waiting):
+                    self.engine.abort(req)
+                    req.events.clear()
+                    req.events.append(e)
+            self._deliver()
+
+    def _deliver(self) -> None:
+        for rid, (req, deliver) in list(self._callbacks.items()):
+            while req.events:
+                deliver(req.events.popleft())
+            if req.finished:
+                del self._callbacks[rid]

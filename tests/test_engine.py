@@ -1,0 +1,131 @@
+"""The engine: streaming equals non-streaming, mixed batches equal single runs, aborts free
+everything, bad requests fail alone."""
+
+import numpy as np
+import pytest
+import torch
+
+from qomni import AudioChunk, Finished, Omni, SamplingParams, TextDelta
+
+GREEDY_TALKER = SamplingParams(temperature=0, repetition_penalty=1.05)
+STORY = [{"role": "user", "content": "Tell me a story about a lighthouse keeper."}]
+HELLO = [{"role": "user", "content": "Hi"}]
+LONG = [{"role": "system", "content": "You are a helpful voice assistant."},
+        {"role": "user", "content": "Explain how tides work, in detail, with examples."}]
+
+
+@pytest.fixture(scope="module")
+def omni(hf_tiny):
+    path, _ = hf_tiny("a")
+    return Omni.load(path, dtype="float32", device="cpu", progress=False, max_num_seqs=4,
+                     max_model_len=256, first_chunk_frames=2, chunk_frames=5)
+
+
+def collect(events):
+    text, ids, audio, first_audio_at, fin = [], [], [], None, None
+    for i, ev in enumerate(events):
+        if isinstance(ev, TextDelta):
+            text.append(ev.text)
+            ids += ev.token_ids
+        elif isinstance(ev, AudioChunk):
+            assert ev.sample_rate == 24000 and ev.pcm.dtype == np.float32
+            if first_audio_at is None:
+                first_audio_at = i
+            audio.append(ev.pcm)
+        elif isinstance(ev, Finished):
+            fin = ev
+    return "".join(text), ids, np.concatenate(audio) if audio else None, first_audio_at, fin
+
+
+def test_stream_equals_generate_with_speech(omni):
+    kw = dict(max_new_tokens=12, max_audio_frames=16, talker_sampling=GREEDY_TALKER)
+    out = omni.generate(STORY, **kw)
+    events = list(omni.stream(STORY, **kw))
+    text, ids, audio, first_audio_at, fin = collect(events)
+    assert text == out.text and ids == out.token_ids
+    assert np.array_equal(audio, out.audio)
+    assert fin.reason == out.finish_reason and fin.usage.audio_frames == out.codes.shape[1]
+    assert audio.shape[0] == 1920 * out.codes.shape[1] - 555
+    # speech streams: audio arrives in several chunks, the first before the text has ended
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert len(chunks) > 1
+    last_text = max(i for i, e in enumerate(events) if isinstance(e, TextDelta))
+    assert first_audio_at < last_text
+
+
+def test_stream_matches_full_decode_of_its_codes(omni):
+    out = omni.generate(STORY, max_new_tokens=8, max_audio_frames=13,
+                        talker_sampling=GREEDY_TALKER)
+    with torch.inference_mode():
+        full = omni.model.code2wav(out.codes[None])[0, 0].numpy()
+    assert np.abs(full - out.audio).max() <= 1e-5
+
+
+def test_mixed_batch_equals_single_runs_and_frees_everything(omni):
+    specs = [
+        (HELLO, dict(max_new_tokens=6, return_audio=False)),
+        (STORY, dict(max_new_tokens=10, speaker="Chelsie", max_audio_frames=12,
+                     talker_sampling=GREEDY_TALKER)),
+        (LONG, dict(max_new_tokens=16, speaker="Aiden", max_audio_frames=7,
+                    talker_sampling=GREEDY_TALKER)),
+        (STORY, dict(max_new_tokens=9, sampling=SamplingParams(temperature=0.8, top_p=0.9),
+                     seed=5, max_audio_frames=9)),
+    ]
+    alone = [omni.generate(c, **kw) for c, kw in specs]
+    # all at once, plus one more that is aborted midway
+    streams = [omni.stream(c, **kw) for c, kw in specs]
+    victim = omni.stream(LONG, max_new_tokens=200, max_audio_frames=200)
+    firsts = [next(s) for s in streams]
+    next(victim)
+    victim.close()  # abort midway
+    results = [collect([f, *s]) for f, s in zip(firsts, streams)]
+    for (text, ids, audio, _, fin), ref in zip(results, alone):
+        assert ids == ref.token_ids and text == ref.text
+        if ref.audio is None:
+            assert audio is None
+        else:
+            assert np.array_equal(audio, ref.audio)
+    engine = omni._loop().engine
+    for _ in range(100):
+        if not engine.has_work():
+            break
+        import time
+        time.sleep(0.05)
+    assert not engine.has_work()
+    assert sorted(engine.free_rows) == list(range(4))
+    assert sorted(engine.free_talker_rows) == list(range(4))
+
+
+def test_more_requests_than_rows_queue_and_finish(omni):
+    convs = [[{"role": "user", "content": f"Count to {i}."}] for i in range(7)]
+    outs = omni.generate(convs, max_new_tokens=5, return_audio=False)
+    singles = [omni.generate(c, max_new_tokens=5, return_audio=False) for c in convs]
+    assert [o.token_ids for o in outs] == [s.token_ids for s in singles]
+
+
+def test_prompt_too_long_is_a_clear_error(omni):
+    huge = [{"role": "user", "content": "word " * 400}]
+    with pytest.raises(ValueError, match="max_model_len"):
+        omni.generate(huge, max_new_tokens=2)
+    assert omni.generate(HELLO, max_new_tokens=3, return_audio=False).token_ids
+
+
+def test_bad_arguments(omni):
+    with pytest.raises(ValueError):
+        omni.generate(HELLO, max_new_tokens=0)
+    with pytest.raises(ValueError):
+        omni.generate(HELLO, max_new_tokens=2, max_audio_frames=0)
+
+
+def test_astream(omni):
+    import asyncio
+
+    async def run():
+        return [ev async for ev in omni.astream(STORY, max_new_tokens=6, max_audio_frames=6,
+                                                 talker_sampling=GREEDY_TALKER)]
+
+    events = asyncio.run(run())
+    ref = omni.generate(STORY, max_new_tokens=6, max_audio_frames=6,
+                        talker_sampling=GREEDY_TALKER)
+    text, ids, audio, _, fin = collect(events)
+    assert ids == ref.token_ids and np.array_equal(audio, ref.audio)
