@@ -15,7 +15,7 @@ setup:
 
 setup-test: setup
 	bash scripts/install-test-media.sh
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[serve,test]'
 
 demo: setup
 	$(BIN)/qomni generate --prompt "Hello! What can you do?" --max-new-tokens 32
