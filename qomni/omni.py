@@ -22,7 +22,7 @@ from qomni.engine.generate import prefill
 from qomni.engine.loop import EngineLoop
 from qomni.engine.request import Request, new_speech
 from qomni.engine.speech import code_predictor_sampling, talker_sampling_defaults
-from qomni.events import AudioChunk, Finished, GenerateOutput, TextDelta, Usage
+from qomni.events import AudioChunk, Finished, GenerateOutput, TextDelta
 from qomni.models.omni import OmniModel
 from qomni.multimodal.chat import StreamDecoder
 from qomni.multimodal.processor import ProcessedInputs, Processor

@@ -3,7 +3,6 @@ import warnings
 
 import pytest
 import torch
-
 from reference import save_hf_checkpoint
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

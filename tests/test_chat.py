@@ -4,7 +4,13 @@ streaming decode across multi-byte characters."""
 import pytest
 from reference import hf_processor
 
-from qomni.multimodal.chat import ChatError, StreamDecoder, Tokenizer, load_chat_template, render_chat
+from qomni.multimodal.chat import (
+    ChatError,
+    StreamDecoder,
+    Tokenizer,
+    load_chat_template,
+    render_chat,
+)
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",

@@ -29,6 +29,8 @@ from qomni.models.conv import (
     SnakeBeta,
     Tails,
 )
+from qomni.models.layers import RMSNorm
+from qomni.models.rope import inv_freq
 
 
 @dataclass
@@ -37,19 +39,6 @@ class Code2WavState:
 
     frames: int = 0  # frames decoded so far: the RoPE position of the next frame
     tails: Tails = field(default_factory=dict)  # per-module left context (see conv.py)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        # fp32 statistics, cast back before the weight multiply, as the reference (Q8).
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 class LayerScale(nn.Module):
@@ -71,8 +60,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
     def _inv_freq(self) -> Tensor:
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
-        return 1.0 / (self.theta ** exponent)
+        return inv_freq(self.head_dim, self.theta)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from qomni.config import CodePredictorConfig
-from qomni.models.layers import MLP, Attention, KVCache, RMSNorm
+from qomni.models.layers import MLP, DecoderLayer, KVCache, RMSNorm
 from qomni.models.rope import RoPE
 
 SampleFn = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V] -> ids [B]
@@ -28,22 +28,6 @@ SampleFn = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V] -> ids [B]
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: CodePredictorConfig, index: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
-                                   cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.index = index
-
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, self.index, cache, slots, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 @dataclass
@@ -63,7 +47,11 @@ class CodePredictorModel(nn.Module):
     def __init__(self, cfg: CodePredictorConfig):
         super().__init__()
         self.cfg = cfg
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                         cfg.head_dim, cfg.rms_norm_eps, MLP(cfg.hidden_size,
+                                                             cfg.intermediate_size), i)
+            for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.codec_embedding = nn.ModuleList(
             nn.Embedding(cfg.vocab_size, cfg.hidden_size) for _ in range(cfg.num_code_groups - 1))

@@ -161,3 +161,23 @@ class Attention(nn.Module):
         keys, values = cache.update(layer, slots, k.transpose(1, 2), v, mask.shape[-1])
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Qwen3 decoder layer: h += attn(norm(h)); h += mlp(norm(h)). `mlp` is a dense
+    SwiGLU or a sparse MoE block."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float,
+                 mlp: nn.Module, index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.self_attn = Attention(hidden, heads, kv_heads, head_dim, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.mlp = mlp
+        self.index = index
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | CacheRows, slots: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, self.index, cache, slots, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))

@@ -16,29 +16,17 @@ from torch import nn
 
 from qomni.config import SpecialTokens, TextConfig, ThinkerConfig
 from qomni.models.audio_encoder import AudioEncoder
-from qomni.models.layers import MLP, Attention, KVCache, RMSNorm
+from qomni.models.layers import MLP, DecoderLayer, KVCache, RMSNorm
 from qomni.models.moe import SparseMoE
 from qomni.models.rope import MRoPE
 from qomni.models.vision_encoder import VisionEncoder
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, index: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
-                                   cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if cfg.is_moe_layer(index):
-            self.mlp = SparseMoE(cfg)
-        else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.index = index
-
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, self.index, cache, slots, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+def decoder_layer(cfg: TextConfig, index: int) -> DecoderLayer:
+    mlp = SparseMoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size,
+                                                             cfg.intermediate_size)
+    return DecoderLayer(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                        cfg.head_dim, cfg.rms_norm_eps, mlp, index)
 
 
 @dataclass
@@ -55,7 +43,7 @@ class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig, embed_rows: int):
         super().__init__()
         self.cfg = cfg
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(decoder_layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = MRoPE(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
         self.embed_rows = embed_rows
@@ -107,8 +95,9 @@ class MediaInputs:
     audio_lengths: torch.Tensor | None = None  # [N_audio] frames per audio
     pixel_values: torch.Tensor | None = None  # [N_patches, C*T*P*P] images
     image_grid_thw: torch.Tensor | None = None  # [N_images, 3]
-    pixel_values_videos: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None  # [N_patches, C*T*P*P] videos
     video_grid_thw: torch.Tensor | None = None  # [N_videos, 3]
+    video_second_per_grid: torch.Tensor | None = None  # [N_videos] float32 seconds per frame group
 
     def to(self, device: torch.device) -> MediaInputs:
         return MediaInputs(**{k: None if v is None else v.to(device)
