@@ -6,6 +6,11 @@ The result equals what transformers' Qwen3OmniMoeProcessor + get_rope_index prod
 conversation: the template is rendered with one placeholder per media item, every placeholder is
 expanded to its token count (audio: from its mel frames; image/video: from its patch grid), and
 positions follow TMRoPE.
+
+Videos are sampled as the official client does (`video.load_video`, 2 fps unless the part says
+`"fps": ...`). With `use_audio_in_video`, each video's sound track becomes an audio of its own,
+interleaved with the video's tokens by time; all audios (standalone clips and sound tracks) are
+then in placeholder order, which is the order the reference's audio tower and positions use.
 """
 
 from __future__ import annotations
@@ -15,13 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from qomni.config import OmniConfig, PreprocessorConfig
 from qomni.models.thinker import MediaInputs
 from qomni.multimodal.audio import load_audio, log_mel_features
 from qomni.multimodal.chat import ChatError, Tokenizer, load_chat_template, render_chat
+from qomni.multimodal.media import resolve_media
 from qomni.multimodal.positions import audio_token_count, expand_placeholders, rope_index
+from qomni.multimodal.video import (
+    FPS,
+    is_frame_list,
+    load_video,
+    load_video_audio,
+    preprocess_video,
+)
 from qomni.multimodal.vision import preprocess_image
 
 MEDIA_TYPES = ("image", "audio", "video")
@@ -34,6 +48,7 @@ class ProcessedInputs:
     rope_delta: float  # decode position of the k-th new token = S + k + rope_delta
     prompt: str  # the rendered chat template (one placeholder per media item)
     media: MediaInputs = field(default_factory=MediaInputs)
+    use_audio_in_video: bool = False  # videos carry their sound tracks (audio-in-video blocks)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -58,45 +73,82 @@ class Processor:
     def __call__(self, messages: Sequence[Mapping[str, Any]], *,
                  tools: Sequence[dict] | None = None, use_audio_in_video: bool = False,
                  **template_kwargs: Any) -> ProcessedInputs:
-        media = collect_media(messages)
-        if media["video"]:
-            raise ChatError(f"video input is not supported yet ({len(media['video'])} video(s))")
-        if use_audio_in_video:
-            raise ChatError("use_audio_in_video needs a video in the conversation")
+        parts = media_parts(messages)
         prompt = self.render(messages, tools=tools, **template_kwargs)
         ids = self.tokenizer.encode(prompt)
         inputs = MediaInputs()
-        audio_counts: list[int] = []
-        if media["audio"]:
-            inputs.audio_features, inputs.audio_lengths = self._audio(media["audio"])
+        videos = [part for kind, part in parts if kind == "video"]
+        # A video file is fetched once, for its frames and (audio in video) its sound track.
+        sources = [self._video_source(part, i) for i, part in enumerate(videos)]
+        slots = self._audio_slots(parts, sources, use_audio_in_video)
+        counts: list[int] = []
+        if slots:
+            inputs.audio_features, inputs.audio_lengths = self._audio([w for _, w in slots])
             n_window = self.config.thinker.audio.n_window
-            audio_counts = [audio_token_count(int(n), n_window) for n in inputs.audio_lengths]
-        grids: list[tuple[int, ...]] = []
-        if media["image"]:
-            inputs.pixel_values, inputs.image_grid_thw = self._images(media["image"])
-            grids = [tuple(g) for g in inputs.image_grid_thw.tolist()]
+            counts = [audio_token_count(int(n), n_window) for n in inputs.audio_lengths]
+        images = [media_source(part, "image") for kind, part in parts if kind == "image"]
+        image_grids: list[tuple[int, ...]] = []
+        if images:
+            inputs.pixel_values, inputs.image_grid_thw = self._images(images)
+            image_grids = [tuple(g) for g in inputs.image_grid_thw.tolist()]
+        video_grids: list[tuple[int, ...]] = []
+        spg: list[float] = []
+        if videos:
+            (inputs.pixel_values_videos, inputs.video_grid_thw,
+             inputs.video_second_per_grid) = self._videos(videos, sources)
+            video_grids = [tuple(g) for g in inputs.video_grid_thw.tolist()]
+            spg = inputs.video_second_per_grid.tolist()
         thinker = self.config.thinker
         expanded = expand_placeholders(
-            ids, self.config.tokens, audio_token_counts=audio_counts, image_grids=grids,
+            ids, self.config.tokens,
+            audio_token_counts=[c for c, (k, _) in zip(counts, slots) if k == "audio"],
+            image_grids=image_grids, video_grids=video_grids, video_second_per_grid=spg,
             merge_size=thinker.vision.spatial_merge_size,
-            position_id_per_seconds=thinker.position_id_per_seconds)
+            position_id_per_seconds=thinker.position_id_per_seconds,
+            use_audio_in_video=use_audio_in_video,
+            video_audio_token_counts=[c for c, (k, _) in zip(counts, slots) if k == "video"])
         positions, delta = rope_index(
-            expanded, self.config.tokens, image_grids=grids,
+            expanded, self.config.tokens, image_grids=image_grids, video_grids=video_grids,
+            video_second_per_grid=spg,
             audio_lengths=inputs.audio_lengths if inputs.audio_lengths is not None else (),
             n_window=thinker.audio.n_window, merge_size=thinker.vision.spatial_merge_size,
-            position_id_per_seconds=thinker.position_id_per_seconds)
+            position_id_per_seconds=thinker.position_id_per_seconds,
+            use_audio_in_video=use_audio_in_video)
         return ProcessedInputs(torch.tensor(expanded, dtype=torch.long), positions, delta, prompt,
-                               inputs)
+                               inputs, use_audio_in_video)
 
-    def _audio(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _video_source(self, part: Mapping[str, Any], index: int) -> Any:
+        src = media_source(part, "video")
+        if is_frame_list(src):
+            return src
+        return resolve_media(src, name=f"video #{index + 1}", **self.media_options)
+
+    def _audio_slots(self, parts: list[tuple[str, Mapping[str, Any]]], video_sources: list[Any],
+                     use_audio_in_video: bool) -> list[tuple[str, np.ndarray]]:
+        """(kind, 16 kHz waveform) of every audio in placeholder order: standalone clips, and with
+        use_audio_in_video each video's sound track where the video stands."""
+        rate = self.pre.sampling_rate
+        slots = []
+        n_audio = n_video = 0
+        for kind, part in parts:
+            if kind == "audio":
+                n_audio += 1
+                slots.append((kind, load_audio(media_source(part, kind), sampling_rate=rate,
+                                               name=f"audio #{n_audio}", **self.media_options)))
+            elif kind == "video":
+                if use_audio_in_video:
+                    slots.append((kind, load_video_audio(video_sources[n_video], sampling_rate=rate,
+                                                         name=f"video #{n_video + 1}")))
+                n_video += 1
+        return slots
+
+    def _audio(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-mel features of all audios of the conversation, computed as one padded batch as
         the reference processor does; returns the valid frames concatenated [mel, ΣL] and the
         frame counts [N]."""
-        waves = [load_audio(src, sampling_rate=self.pre.sampling_rate, name=f"audio #{i + 1}",
-                            **self.media_options) for i, src in enumerate(items)]
-        feats, lengths = log_mel_features(waves, n_fft=self.pre.n_fft, hop_length=self.pre.hop_length,
-                                          n_mels=self.pre.feature_size,
-                                          sampling_rate=self.pre.sampling_rate)
+        p = self.pre
+        feats, lengths = log_mel_features(waves, n_fft=p.n_fft, hop_length=p.hop_length,
+                                          n_mels=p.feature_size, sampling_rate=p.sampling_rate)
         valid = torch.cat([feats[i, :, : int(n)] for i, n in enumerate(lengths)], dim=-1)
         return valid, lengths
 
@@ -110,10 +162,27 @@ class Processor:
                for i, src in enumerate(items)]
         return torch.cat([o[0] for o in out]), torch.stack([o[1] for o in out])
 
+    def _videos(self, parts: list[Mapping[str, Any]], sources: list[Any]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """pixel_values_videos [ΣN_patches, C*T*P*P], video_grid_thw [N_videos, 3] and
+        video_second_per_grid [N_videos] (float32, as the reference's processor returns it)."""
+        p = self.pre
+        out = []
+        for i, (part, src) in enumerate(zip(parts, sources)):
+            name = f"video #{i + 1}"
+            frames, fps = load_video(src, fps=part.get("fps", FPS), name=name)
+            out.append(preprocess_video(frames, fps, patch_size=p.patch_size,
+                                        temporal_patch_size=p.temporal_patch_size,
+                                        merge_size=p.merge_size, image_mean=p.image_mean,
+                                        image_std=p.image_std, name=name))
+        return (torch.cat([o[0] for o in out]), torch.stack([o[1] for o in out]),
+                torch.tensor([o[2] for o in out], dtype=torch.float32))
 
-def collect_media(messages: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
-    """Media items by kind, in the order the template emits their placeholders."""
-    media: dict[str, list[Any]] = {k: [] for k in MEDIA_TYPES}
+
+def media_parts(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(kind, content part) of every media item, in the order the template emits their
+    placeholders; each part is checked to name its source."""
+    parts: list[tuple[str, Mapping[str, Any]]] = []
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
         raise ChatError("messages must be a list of {'role': ..., 'content': ...} objects")
     for i, message in enumerate(messages):
@@ -129,11 +198,14 @@ def collect_media(messages: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]
                 raise ChatError(f"message #{i} part #{j} must be an object")
             kind = media_kind(part)
             if kind is not None:
-                src = part.get(kind, part.get(f"{kind}_url"))
-                if src is None:
+                if media_source(part, kind) is None:
                     raise ChatError(f"message #{i} part #{j}: {kind} part has no '{kind}' field")
-                media[kind].append(src)
-    return media
+                parts.append((kind, part))
+    return parts
+
+
+def media_source(part: Mapping[str, Any], kind: str) -> Any:
+    return part.get(kind, part.get(f"{kind}_url"))
 
 
 def media_kind(part: Mapping[str, Any]) -> str | None:
