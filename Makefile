@@ -1,10 +1,13 @@
-# `make demo`: set up and run qomni on the tiny demo checkpoint.
-# `make test`: set up (Python deps, test media packages) and run the test suite.
+# `make serve`: set up and run the server (OpenAI API + web demo) on the tiny demo checkpoint.
+# `make demo`: set up and answer one prompt (text and speech) from the command line.
+# `make test`: set up (Python deps, test media packages, headless browser) and run the tests.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-test demo test lint
+.PHONY: setup setup-test serve demo test lint
+MODEL ?=
+PORT ?= 8000
 
 setup:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +20,13 @@ setup-test: setup
 	bash scripts/install-test-media.sh
 	$(BIN)/pip install -q -e '.[serve,test]'
 
+serve: setup
+	$(BIN)/pip install -q -e '.[serve]'
+	$(BIN)/qomni serve $(if $(MODEL),--model $(MODEL)) --port $(PORT)
+
 demo: setup
-	$(BIN)/qomni generate --prompt "Hello! What can you do?" --max-new-tokens 32
+	$(BIN)/qomni generate $(if $(MODEL),--model $(MODEL)) --prompt "Hello! What can you do?" \
+		--max-new-tokens 32 --output reply.wav
 
 test: setup-test
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""Command line: `qomni generate | serve | make-tiny` (also `python -m qomni`)."""
+"""Command line: `qomni generate | serve | make-tiny | bench` (also `python -m qomni`)."""
 
 from __future__ import annotations
 
@@ -89,7 +89,9 @@ def _serve(args: argparse.Namespace) -> int:
                      allow_remote_media=args.allow_remote_media, limits=limits)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qomni: serving {name!r} at http://{host}:{args.port}/v1 (OpenAI API: "
-          "/v1/chat/completions, /v1/models; also /health, /metrics)", file=sys.stderr, flush=True)
+          "/v1/chat/completions, /v1/models, /v1/realtime; also /health, /metrics)",
+          file=sys.stderr, flush=True)
+    print(f"qomni: web demo at http://{host}:{args.port}/", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -100,6 +102,21 @@ def _make_tiny(args: argparse.Namespace) -> int:
     path = make_tiny(args.dir, seed=args.seed)
     print(f"wrote a tiny random-weight Qwen3-Omni checkpoint to {path}")
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from qomni.benchmark import format_report, run
+
+    results = run(args.model, dtype=args.dtype, device=args.device, quick=args.quick,
+                  vs_transformers=args.vs_transformers)
+    print(format_report(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    failed = [k for k in ("qomni", "transformers") if "error" in results.get(k, {})]
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_make_tiny)
+
+    b = sub.add_parser("bench", help="time every stage against its hardware floor")
+    b.add_argument("--model", help="checkpoint directory or cached hub id (default: a random "
+                   "checkpoint with the real widths and a shallow depth, built once and cached)")
+    b.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, "
+                   "fp32 on CPU)")
+    b.add_argument("--device", help="cpu | cuda | cuda:N")
+    b.add_argument("--quick", action="store_true", help="small prompt, few steps (a smoke run)")
+    b.add_argument("--vs-transformers", action="store_true",
+                   help="also run the same checkpoint through transformers and print ratios")
+    b.add_argument("--json", metavar="PATH", help="also save all results as JSON")
+    b.set_defaults(func=_bench)
     return parser
 
 
