@@ -49,10 +49,13 @@ def save_hf_checkpoint(name: str, dest: Path, seed: int = 0):
 
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(hf_config(name)).eval()
-    # transformers' init leaves norms at 1 and many weights tiny; perturb everything so the
-    # comparison exercises every weight.
+    # transformers 5.23 leaves the talker's fused expert tensors uninitialised (whatever was in
+    # memory: sometimes NaN), so draw them here; then perturb everything, as its init leaves
+    # norms at 1 and many weights tiny, so the comparison exercises every weight.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                p.normal_(0.0, 0.02)
             p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(dest, max_shard_size="20MB")
     write_tokenizer(dest)
