@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import atexit
 import threading
 from collections.abc import Callable
 
@@ -19,8 +20,17 @@ class EngineLoop:
         self._inbox: list[tuple[Request, Deliver]] = []
         self._aborts: list[Request] = []
         self._callbacks: dict[str, tuple[Request, Deliver]] = {}
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="qomni-engine", daemon=True)
         self._thread.start()
+        # Stop between steps at exit: a daemon thread killed inside a torch op aborts the process.
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
 
     def submit(self, req: Request, deliver: Deliver) -> None:
         with self._cv:
@@ -35,8 +45,10 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._inbox or self._aborts or self.engine.has_work()):
+                while not (self._inbox or self._aborts or self.engine.has_work() or self._closed):
                     self._cv.wait()
+                if self._closed:
+                    return
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
             for req, deliver in inbox:

@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -70,9 +71,11 @@ from qomni.server.protocol import (
     pcm16,
     to_conversation,
 )
+from qomni.server.realtime import realtime_router
 
 log = logging.getLogger("qomni.server")
 
+STATIC = Path(__file__).parent / "static"  # the web demo, served at / and /static/
 AUDIO_TTL_S = 3600  # how long an audio id's transcript is kept for later turns (expires_at)
 
 
@@ -384,6 +387,12 @@ def create_app(omni: Any, *, model_name: str | None = None, api_key: str | None 
     def model_card() -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "qomni"}
 
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
@@ -571,6 +580,7 @@ def create_app(omni: Any, *, model_name: str | None = None, api_key: str | None 
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await _whole(request, req, first, pieces, name, sample_rate, remember)
 
+    app.include_router(realtime_router(omni, model_name=name, api_key=api_key, limits=limits))
     return app
 
 
