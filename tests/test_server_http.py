@@ -25,6 +25,8 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
+from live_server import serve_in_thread
+
 from qomni import Omni
 from qomni.server import Limits, create_app
 from qomni.server.protocol import (
@@ -118,24 +120,7 @@ class Live:
 
 
 def _start(app):
-    """Run `app` with uvicorn on a free 127.0.0.1 port in a thread; returns (url, stop)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
+    port, stop = serve_in_thread(app)
     return f"http://127.0.0.1:{port}", stop
 
 

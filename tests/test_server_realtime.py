@@ -8,8 +8,6 @@ import base64
 import io
 import json
 import os
-import socket
-import threading
 import time
 
 import numpy as np
@@ -19,6 +17,7 @@ websockets = pytest.importorskip("websockets")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
+from live_server import serve_in_thread
 from websockets.sync.client import connect
 
 from qomni import Omni
@@ -62,23 +61,7 @@ def _user(audio: np.ndarray) -> dict:
 
 
 def _start(app):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
+    port, stop = serve_in_thread(app)
     return f"ws://127.0.0.1:{port}", stop
 
 

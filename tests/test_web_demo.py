@@ -6,8 +6,6 @@ reach the server as valid media. Chromium comes from Debian (`chromium`, `chromi
 scripts/install-test-media.sh); the test skips when it is missing."""
 
 import os
-import socket
-import threading
 import time
 import urllib.request
 
@@ -17,6 +15,8 @@ import pytest
 pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 pytest.importorskip("selenium", reason="needs the selenium package (pip)")
+
+from live_server import serve_in_thread
 
 from qomni import Omni
 from qomni.server import Limits, create_app
@@ -33,25 +33,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _start(app):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
+    port, stop = serve_in_thread(app)
     return f"http://127.0.0.1:{port}", stop
 
 
