@@ -29,29 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from qomni.config import SpecialTokens
+from qomni.models.audio_encoder import audio_token_count
 
 Grid = Sequence[int]  # (t, h, w) in patches, as image_grid_thw / video_grid_thw
-
-
-def audio_token_count(num_mel_frames: int, n_window: int) -> int:
-    """`<|audio_pad|>` tokens for an audio of `num_mel_frames` log-mel frames.
-
-    The encoder cuts the features into chunks of 2*n_window frames and runs three stride-2 convs
-    over each, so every chunk gives ceil(ceil(ceil(n/2)/2)/2) tokens (13 for a 100-frame chunk).
-    The reference hard-codes 13 per full chunk; the two agree for n_window=50 (every published
-    config) and this one also agrees with the encoder for other values.
-    """
-    if num_mel_frames < 0 or n_window <= 0:
-        raise ValueError(f"bad audio length {num_mel_frames} / n_window {n_window}")
-    chunk = 2 * n_window
-    full, rest = divmod(int(num_mel_frames), chunk)
-    return full * _three_halvings(chunk) + _three_halvings(rest)
-
-
-def _three_halvings(n: int) -> int:
-    for _ in range(3):
-        n = (n + 1) // 2
-    return n
 
 
 def vision_token_count(grid: Grid, merge_size: int) -> int:
