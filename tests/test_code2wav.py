@@ -14,7 +14,7 @@ from torch import nn
 
 from qomni.config import OmniConfig
 from qomni.models.code2wav import Code2Wav
-from qomni.models.code2wav_stream import StreamingCode2Wav
+from qomni.models.code2wav_stream import StreamingCode2Wav, push_together
 
 modeling = pytest.importorskip("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe")
 
@@ -145,6 +145,34 @@ def test_stream_batched(pair):
     assert stream.flush().shape == (2, 1, 0)
     got = torch.cat(chunks, dim=-1)
     assert (got - whole).abs().max() <= 1e-5, _diff(got, whole)
+
+
+def test_push_together_equals_separate_streams(pair):
+    """Utterances that share batched chunks (the engine's lockstep requests) get exactly what
+    each would get alone, and can go on alone afterwards."""
+    _, ours = pair
+    codes = _codes(40, batch=3, seed=7)
+    alone = [StreamingCode2Wav(ours).push(codes[b]) for b in range(3)]
+    streams = [StreamingCode2Wav(ours) for _ in range(3)]
+    got = [[] for _ in range(3)]
+    for s0, s1 in [(0, 2), (2, 6), (6, 20)]:  # together, at the same frame
+        for b, pcm in enumerate(push_together(streams, codes[..., s0:s1])):
+            got[b].append(pcm)
+    for b in range(3):  # then each on its own
+        got[b].append(streams[b].push(codes[b, :, 20:]))
+        joined = torch.cat(got[b])
+        assert (joined - alone[b]).abs().max() <= 1e-6, _diff(joined, alone[b])
+
+
+def test_push_together_refuses_streams_at_different_frames(pair):
+    _, ours = pair
+    a, b = StreamingCode2Wav(ours), StreamingCode2Wav(ours)
+    a.push(_codes(2)[0])
+    with pytest.raises(ValueError, match="same frame"):
+        push_together([a, b], _codes(3, batch=2))
+    with pytest.raises(ValueError, match="2 streams for 3 rows"):
+        push_together([a, b], _codes(3, batch=3))
+    assert b.frames == 0 and a.frames == 2  # nothing was touched
 
 
 def test_hf_chunked_decode_is_as_documented(pair):

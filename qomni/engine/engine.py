@@ -7,8 +7,8 @@ Per step: (1) admit waiting requests into free cache rows and prefill them (thei
 (2) one thinker decode step for every request still writing text, batched; (3) talker prefill for
 speaking requests that have their first token, then one talker step, batched, for every request
 whose next text is known — code predictor for all their frames at once; (4) vocode pending
-frames in chunks (a small first chunk for latency, larger ones after); (5) retire finished
-requests and free their rows. Rows are reused: the caches are allocated once.
+frames in chunks (a small first chunk for latency, growing ones after; requests in step share
+one batched decode); (5) retire finished requests and free their rows. Rows are reused: the caches are allocated once.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from qomni.engine.generate import embed_batch
 from qomni.engine.request import Request
 from qomni.engine.speech import build_talker_prompt, special_embeds, trailing_token
-from qomni.models.code2wav_stream import StreamingCode2Wav
+from qomni.models.code2wav_stream import StreamingCode2Wav, push_together
 from qomni.models.omni import OmniModel
 from qomni.sampling import Sampler
 
@@ -234,17 +234,27 @@ class Engine:
         return self.model.talker.text_projection(self.model.thinker.embed(ids))[0]
 
     def _vocode(self) -> None:
-        sample_rate = self.cfg.code2wav.sample_rate
+        """Vocode each request's pending frames once a chunk is due. Chunks grow: the first has
+        `first_chunk` frames (latency), then each is as long as all audio sent before it, up to
+        `chunk` frames, so playback never waits on a chunk longer than the audio it has queued.
+        Requests standing at the same frame with equal chunks share one batched decode."""
+        groups: dict[tuple[int, int], list[Request]] = {}
         for req in self.running:
             sp = req.speech
             if sp is None or not sp.pending:
                 continue
             if sp.vocoder is None:
                 sp.vocoder = StreamingCode2Wav(self.model.code2wav)
-            need = self.first_chunk if sp.vocoder.frames == 0 else self.chunk
+            done = sp.vocoder.frames
+            need = self.first_chunk if done == 0 else min(self.chunk, max(self.first_chunk, done))
             if len(sp.pending) >= need or sp.done:
-                pcm = sp.vocoder.push(torch.stack(sp.pending, dim=1))
-                sp.pending.clear()
+                groups.setdefault((done, len(sp.pending)), []).append(req)
+        sample_rate = self.cfg.code2wav.sample_rate
+        for reqs in groups.values():
+            codes = torch.stack([torch.stack(r.speech.pending, dim=1) for r in reqs])
+            pcms = push_together([r.speech.vocoder for r in reqs], codes)
+            for req, pcm in zip(reqs, pcms):
+                req.speech.pending.clear()
                 req.emit_audio(pcm, sample_rate)
 
     # -- bookkeeping ----------------------------------------------------------------------------

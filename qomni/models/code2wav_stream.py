@@ -91,3 +91,44 @@ class StreamingCode2Wav:
         shape = (0,) if unbatched else (batch, 1, 0)
         device = self.model.code_embedding.weight.device
         return torch.zeros(shape, dtype=torch.float32, device=device)
+
+
+def push_together(streams: list[StreamingCode2Wav], codes: Tensor) -> list[Tensor]:
+    """Push one chunk to several single-utterance streams in one batched decode.
+
+    codes [B, G, n]: row b continues `streams[b]`. The streams must stand at the same frame, so
+    their states (RoPE position, key/value windows, conv tails) have equal shapes and stack
+    along the batch; afterwards each stream keeps its own row. Returns each stream's samples [S].
+    """
+    if len(streams) != codes.shape[0]:
+        raise ValueError(f"{len(streams)} streams for {codes.shape[0]} rows of codes")
+    if len(streams) == 1:
+        return [streams[0].push(codes[0])]
+    states = [s.state for s in streams]
+    if any(st is None for st in states) or len({st.frames for st in states}) != 1:
+        raise ValueError("push_together needs open streams at the same frame")
+    if any(s._batch not in (None, 1) or s._unbatched is False for s in streams):
+        raise ValueError("push_together continues single-utterance ([groups, frames]) streams")
+    model = streams[0].model
+    with torch.inference_mode():
+        merged = Code2WavState(states[0].frames, {
+            key: _stack([st.tails[key] for st in states]) for key in states[0].tails})
+        wav = model(codes, merged)  # [B, 1, S]; validates the codes first
+    for b, stream in enumerate(streams):
+        stream.state = Code2WavState(merged.frames,
+                                     {key: _row(v, b) for key, v in merged.tails.items()})
+        stream._batch, stream._unbatched = 1, True
+    return list(wav[:, 0])
+
+
+def _stack(values: list) -> Tensor | tuple:
+    if isinstance(values[0], tuple):  # an attention layer's (keys, values)
+        return tuple(torch.cat(parts) for parts in zip(*values))
+    return torch.cat(values)
+
+
+def _row(value: Tensor | tuple, b: int) -> Tensor | tuple:
+    if isinstance(value, tuple):
+        return tuple(v[b: b + 1] for v in value)
+    return value[b: b + 1]
+
