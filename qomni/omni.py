@@ -91,7 +91,7 @@ class Omni:
              device: str | torch.device | None = None, audio_output: bool | None = None,
              progress: bool = True, **engine_options: Any) -> Omni:
         """Load a checkpoint. `engine_options` size the engine: max_num_seqs (8),
-        max_model_len (4096), max_talker_len, first_chunk_frames (4), chunk_frames (25)."""
+        max_model_len (4096), max_talker_len, first_chunk_frames (2), chunk_frames (25)."""
         path = resolve_model_path(model)
         cfg = OmniConfig.from_hf(path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -129,14 +129,19 @@ class Omni:
                  talker_sampling: SamplingParams | None = None, speaker: str | None = None,
                  return_audio: bool | None = None, max_audio_frames: int | None = None,
                  use_audio_in_video: bool = False, seed: int | None = None,
+                 stop: Sequence[str] = (), speech_stop: Sequence[str] = (),
                  **template_kwargs: Any) -> GenerateOutput | list[GenerateOutput]:
         """Answer one conversation (or a list of them, run as a batch). With speech output, also
-        returns `audio` (float32, 24 kHz) and `codes` [num_code_groups, frames]."""
+        returns `audio` (float32, 24 kHz) and `codes` [num_code_groups, frames].
+
+        `stop`: strings that end the text (cut before them, finish_reason "stop"); the speech
+        says exactly the text before them. `speech_stop`: strings where the speech ends while
+        the text goes on (e.g. "<tool_call>": a tool call is written, never spoken)."""
         batched = _is_batch(messages)
         convs = list(messages) if batched else [messages]
         reqs = [self._request(c, max_new_tokens, sampling, talker_sampling, speaker,
-                              return_audio, max_audio_frames, use_audio_in_video, seed,
-                              template_kwargs) for c in convs]
+                              return_audio, max_audio_frames, use_audio_in_video, seed, stop,
+                              speech_stop, template_kwargs) for c in convs]
         inbox: queue.Queue = queue.Queue()
         loop = self._loop()
         for req in reqs:
@@ -206,20 +211,21 @@ class Omni:
 
     def _request_from(self, messages: Conversation, kwargs: dict[str, Any]) -> Request:
         names = ("max_new_tokens", "sampling", "talker_sampling", "speaker", "return_audio",
-                 "max_audio_frames", "use_audio_in_video", "seed")
+                 "max_audio_frames", "use_audio_in_video", "seed", "stop", "speech_stop")
         defaults = dict(max_new_tokens=1024, sampling=None, talker_sampling=None, speaker=None,
                         return_audio=None, max_audio_frames=None, use_audio_in_video=False,
-                        seed=None)
+                        seed=None, stop=(), speech_stop=())
         args = {k: kwargs.pop(k, defaults[k]) for k in names}
         return self._request(messages, template_kwargs=kwargs, **args)
 
     def _request(self, conv: Conversation, max_new_tokens: int, sampling: SamplingParams | None,
                  talker_sampling: SamplingParams | None, speaker: str | None,
                  return_audio: bool | None, max_audio_frames: int | None,
-                 use_audio_in_video: bool, seed: int | None,
-                 template_kwargs: dict[str, Any]) -> Request:
+                 use_audio_in_video: bool, seed: int | None, stop: Sequence[str],
+                 speech_stop: Sequence[str], template_kwargs: dict[str, Any]) -> Request:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        stop, speech_stop = _strings("stop", stop), _strings("speech_stop", speech_stop)
         speak, speaker_id = self._audio_request(return_audio, speaker)
         inputs = self.process(conv, use_audio_in_video, **template_kwargs)
         params = _seeded(sampling or GREEDY, seed)
@@ -235,11 +241,14 @@ class Omni:
             speech = new_speech(speaker_id, talker, code_predictor_sampling(talker),
                                 max_audio_frames, self.device)
         return Request(inputs, Sampler([params], self.device), max_new_tokens,
-                       StreamDecoder(self.tokenizer), speech)
+                       StreamDecoder(self.tokenizer), speech, stop_strings=stop,
+                       speech_stops=speech_stop)
 
     def _output(self, req: Request, audio: list[np.ndarray]) -> GenerateOutput:
         ids = req.text_ids()
-        out = GenerateOutput(text=self.tokenizer.decode(ids, skip_special_tokens=True),
+        text = req.text if req.stopped_by_string else \
+            self.tokenizer.decode(ids, skip_special_tokens=True)
+        out = GenerateOutput(text=text,
                              token_ids=ids, finish_reason=req.finish_reason or "abort",
                              usage=req.usage())
         if req.speech is not None:
@@ -277,6 +286,13 @@ class Omni:
                 self.config.talker.speaker(speaker)  # still reject unknown voices
             return False, -1
         return True, self.config.talker.speaker(speaker or DEFAULT_SPEAKER)
+
+
+def _strings(name: str, value: Sequence[str]) -> tuple[str, ...]:
+    values = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(v, str) and v for v in values):
+        raise ValueError(f"{name} must be non-empty strings, got {value!r}")
+    return values
 
 
 def _seeded(params: SamplingParams, seed: int | None) -> SamplingParams:

@@ -13,7 +13,8 @@ from qomni import benchmark
 from qomni.tiny import make_tiny
 
 TINY = benchmark.Settings(audio_seconds=1.0, image_size=64, decode_tokens=3, talker_frames=2,
-                          code2wav_frames=6, e2e_frames=4, batches=(1, 2))
+                          code2wav_frames=6, e2e_frames=4, reply_tokens=4, reply_frames=6,
+                          batches=(1, 2))
 STAGES = {"prefill", "audio_encoder", "vision_encoder", "thinker_lm", "thinker_decode",
           "talker_prefill", "talker", "code_predictor", "talker_step", "code2wav_stream",
           "code2wav_full"}
@@ -46,8 +47,8 @@ def check_common(result, stages):
     assert positive(calib["read_bytes_per_s"]) and positive(calib["matmul_flops_per_s"])
     assert positive(result["params"]) and positive(result["peak_rss_gib"])
     e2e = result["e2e"]
-    assert e2e["tokens"] == TINY.decode_tokens and e2e["frames"] == TINY.e2e_frames
-    assert positive(e2e["time_to_first_audio_s"]) and positive(e2e["audio_s"])
+    assert e2e["tokens"] == TINY.reply_tokens and e2e["frames"] == TINY.reply_frames
+    assert positive(e2e["time_to_first_audio_s"])
     assert [t["batch"] for t in result["throughput"]] == list(TINY.batches)
     for t in result["throughput"]:
         assert positive(t["wall_s"]) and positive(t["audio_s"])
@@ -62,8 +63,9 @@ def test_qomni_results_are_complete(qomni_result):
     assert stages["thinker_decode"]["work"] == TINY.decode_tokens
     assert stages["talker"]["work"] == TINY.talker_frames
     e2e = qomni_result["e2e"]
-    # the first audio chunk comes after the first text and no later than the end
-    assert 0 < e2e["time_to_first_text_s"] <= e2e["time_to_first_audio_s"] <= e2e["total_s"]
+    # the first audio chunk comes after the first text
+    assert 0 < e2e["time_to_first_text_s"] <= e2e["time_to_first_audio_s"]
+    assert positive(e2e["first_chunk_s"])
     json.dumps(qomni_result)  # --json must be able to save it
 
 

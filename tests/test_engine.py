@@ -129,3 +129,52 @@ def test_astream(omni):
                         talker_sampling=GREEDY_TALKER)
     text, ids, audio, _, fin = collect(events)
     assert ids == ref.token_ids and np.array_equal(audio, ref.audio)
+
+
+def _stop_in_the_middle(omni, full, first_token=3):
+    """A stop string starting at a token boundary a few tokens in, and how many tokens come
+    wholly before its first occurrence."""
+    ends = [len(omni.tokenizer.decode(full.token_ids[:i + 1], skip_special_tokens=True))
+            for i in range(len(full.token_ids))]
+    start = ends[first_token - 1]
+    n = 3
+    while full.text.find(full.text[start:start + n]) < start:  # first found at `start`
+        n += 1
+    stop = full.text[start:start + n]
+    at = full.text.find(stop)
+    return stop, at, sum(e <= at for e in ends)
+
+
+def test_stop_string_ends_the_text_and_the_speech_there(omni):
+    kw = dict(max_audio_frames=40, talker_sampling=GREEDY_TALKER)
+    full = omni.generate(STORY, max_new_tokens=12, **kw)
+    assert full.finish_reason == "length"
+    stop, at, m = _stop_in_the_middle(omni, full)
+    assert m >= 3 and stop
+    out = omni.generate(STORY, max_new_tokens=12, stop=[stop, "never appears"], **kw)
+    assert out.text == full.text[:at] and out.finish_reason == "stop"
+    # The speech says exactly the tokens before the stop: what the reference says for a reply
+    # whose last token (never spoken) comes right after them.
+    same = omni.generate(STORY, max_new_tokens=m + 1, **kw)
+    assert torch.equal(out.codes, same.codes) and np.array_equal(out.audio, same.audio)
+    text, ids, audio, _, fin = collect(omni.stream(STORY, max_new_tokens=12, stop=stop, **kw))
+    assert text == out.text and fin.reason == "stop" and np.array_equal(audio, out.audio)
+
+
+def test_speech_stop_ends_the_speech_but_not_the_text(omni):
+    kw = dict(max_audio_frames=40, talker_sampling=GREEDY_TALKER)
+    full = omni.generate(STORY, max_new_tokens=12, **kw)
+    marker, _, m = _stop_in_the_middle(omni, full, first_token=4)
+    assert m >= 4
+    out = omni.generate(STORY, max_new_tokens=12, speech_stop=[marker], **kw)
+    assert out.token_ids == full.token_ids and out.text == full.text
+    same = omni.generate(STORY, max_new_tokens=m + 1, **kw)
+    assert torch.equal(out.codes, same.codes) and np.array_equal(out.audio, same.audio)
+
+
+@pytest.mark.parametrize("bad", [[""], [3], ""])
+def test_bad_stop_strings(omni, bad):
+    with pytest.raises(ValueError, match="stop"):
+        omni.generate(HELLO, max_new_tokens=2, stop=bad)
+    with pytest.raises(ValueError, match="speech_stop"):
+        omni.generate(HELLO, max_new_tokens=2, speech_stop=bad)

@@ -204,6 +204,26 @@ def test_stop_string_cuts_text_and_finishes_with_stop(live):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_stop_string_with_speech_says_the_text_before_it(live):
+    """The engine ends text and speech at the stop string: the reply finishes normally (usage
+    included) and its audio is the engine's for the same stop, not a cut-off stream."""
+    conv = [{"role": "user", "content": "Count for me"}]
+    full = live.expected(conv, max_new_tokens=10).text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    want = live.expected(conv, max_new_tokens=10, stop=[stop], seed=3, return_audio=True,
+                         max_audio_frames=10)
+    r = live.chat(conv, max_tokens=10, stop=stop, seed=3, modalities=["text", "audio"],
+                  audio={"voice": "Ethan", "format": "pcm16"},
+                  extra_body={"max_audio_frames": 10})
+    msg = r.choices[0].message
+    assert msg.content == want.text == full[:full.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens == want.usage.prompt_tokens
+    assert r.usage.completion_tokens == want.usage.completion_tokens
+    pcm = np.frombuffer(base64.b64decode(msg.audio.data), dtype="<i2")
+    np.testing.assert_array_equal(pcm, pcm16(want.audio))
+
+
 def test_sampling_is_seeded(live):
     conv = [{"role": "user", "content": "Surprise me"}]
     a = live.chat(conv, max_tokens=6, temperature=0.9, top_p=0.95, seed=5)
@@ -406,7 +426,7 @@ def test_tool_call_parser():
     # Streamed in random pieces: the same result, and no tag ever leaks into the content.
     rng = random.Random(0)
     for _ in range(20):
-        f, pieces, i = OutputFilter([], parse_tools=True), [], 0
+        f, pieces, i = OutputFilter(parse_tools=True), [], 0
         while i < len(text):
             n = rng.randint(1, 5)
             pieces += f.push(text[i:i + n])
@@ -420,27 +440,30 @@ def test_tool_call_parser():
 
 class _Scripted:
     """The served Omni with a scripted stream: the random model never calls a tool, so this
-    checks the wire format of a tool call (and that its markup is never spoken)."""
+    checks the wire format of a tool call, and that the server asks the engine to end the
+    speech where the call starts (`speech_stop`)."""
 
     def __init__(self, omni):
         self._omni = omni
+        self.calls = []
 
     def __getattr__(self, name):
         return getattr(self._omni, name)
 
-    def stream(self, messages, **kwargs):
+    async def astream(self, messages, **kwargs):
         from qomni import AudioChunk, Finished, TextDelta, Usage
 
+        self.calls.append(kwargs)
         yield TextDelta("Let me check.", [1, 2])
         yield AudioChunk(np.full(1920, 0.25, np.float32), 24000)
         yield TextDelta('\n<tool_call>\n{"name": "get_weather", ', [3])
-        yield AudioChunk(np.full(1920, -0.5, np.float32), 24000)  # speaks the markup: dropped
         yield TextDelta('"arguments": {"city": "Paris"}}\n</tool_call>', [4])
         yield Finished("stop", Usage(10, 5, 2))
 
 
 def test_tool_call_wire_format(live):
-    url, stop = _start(create_app(_Scripted(live.served), model_name=MODEL))
+    scripted = _Scripted(live.served)
+    url, stop = _start(create_app(scripted, model_name=MODEL))
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         kw = {"model": MODEL, "messages": [{"role": "user", "content": "Weather in Paris?"}],
@@ -466,17 +489,9 @@ def test_tool_call_wire_format(live):
                        if getattr(d, "audio", None) and _fields(d.audio).get("data"))
         assert pcm == pcm16(np.full(1920, 0.25)).tobytes()
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert [c["speech_stop"] for c in scripted.calls] == [["<tool_call>"]] * 2
     finally:
         stop()
-
-
-def test_stop_filter_holds_back_partial_matches():
-    f = OutputFilter(["END"], parse_tools=False)
-    out = []
-    for piece in ["ab", "cE", "N", "x", "yE", "ND", "zz"]:
-        out += f.push(piece)
-    out += f.finish()
-    assert "".join(out) == "abcENxy" and f.stopped
 
 
 # ------------------------------------------------------------------------------ errors

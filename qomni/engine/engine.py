@@ -29,7 +29,7 @@ from qomni.sampling import Sampler
 class Engine:
     def __init__(self, model: OmniModel, stop_ids: Sequence[int], *, max_num_seqs: int = 8,
                  max_model_len: int = 4096, max_talker_len: int = 4096 + 512,
-                 first_chunk_frames: int = 4, chunk_frames: int = 25):
+                 first_chunk_frames: int = 2, chunk_frames: int = 25):
         self.model, self.cfg = model, model.cfg
         self.device = model.thinker.lm_head.weight.device
         self.stop = torch.tensor(sorted(stop_ids), device=self.device)
@@ -144,7 +144,7 @@ class Engine:
         for req, tok, stop in zip(reqs, tokens.tolist(), stops):
             if req.seen is not None:
                 req.seen[tok] = True
-            req.emit_token(tok, stop)
+            stop = req.emit_token(tok, stop) or stop  # a stop token, or a stop string
             if stop or len(req.tokens) >= req.max_new_tokens:
                 req.finish_reason = "stop" if stop else "length"
                 req.emit_text_end()
@@ -155,9 +155,12 @@ class Engine:
     def _talk(self) -> None:
         talker = self.model.talker
         new = [r for r in self.running
-               if r.speech and r.speech.hidden is None and not r.speech.done and r.tokens]
+               if r.speech and r.speech.hidden is None and not r.speech.done
+               and r.speech_text()[0]]
         for req in new:
-            if req.finish_reason == "stop" and len(req.tokens) == 1:
+            tokens, done = req.speech_text()
+            if done and len(tokens) == 1 and (req.finish_reason == "stop"
+                                              or req.speech_end is not None):
                 req.speech.done = True  # an empty answer: nothing to say
             else:
                 self._talker_prefill(req)
@@ -166,7 +169,7 @@ class Engine:
             sp = req.speech
             if sp is None or sp.done or sp.hidden is None or req in new:
                 continue
-            text = trailing_token(req.tokens, req.thinker_done, sp.frames)
+            text = trailing_token(*req.speech_text(), sp.frames)
             if text is not None:
                 ready.append((req, text))
         if not ready:

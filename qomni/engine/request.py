@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -51,6 +52,13 @@ class Request:
     captured: torch.Tensor | None = None  # [S, Dt] hidden after accept_hidden_layer layers
     seen: torch.Tensor | None = None  # [V] tokens in the context (repetition penalty only)
     events: deque = field(default_factory=deque)
+    stop_strings: tuple[str, ...] = ()  # the text ends before the first of these
+    speech_stops: tuple[str, ...] = ()  # speech ends before these; the text goes on (tool calls)
+    text: str = ""  # decoded so far; text[:sent] has gone out as TextDelta, the rest is held
+    sent: int = 0
+    stopped_by_string: bool = False
+    speech_end: int | None = None  # speech covers tokens[:speech_end] (set by a stop match)
+    _token_ends: list[int] = field(default_factory=list)  # len(text) after each token
     _pending_ids: list[int] = field(default_factory=list)
 
     @property
@@ -65,21 +73,54 @@ class Request:
         """Generated ids without the stop token."""
         return self.tokens[:-1] if self.finish_reason == "stop" else list(self.tokens)
 
-    def emit_token(self, token: int, stop: bool) -> None:
+    def emit_token(self, token: int, stop: bool) -> bool:
+        """Record a generated token and send the text it decides. Returns True when the text now
+        contains a stop string: it is cut there, and the request must end with reason "stop".
+        Text that could still become the start of a stop string or speech stop is held back,
+        and so are the tokens that make it (the talker must not speak them yet)."""
         self.tokens.append(token)
-        if stop:
-            return
-        self._pending_ids.append(token)
-        text = self.decoder.push([token])
-        if text:
-            self.events.append(TextDelta(text, self._pending_ids))
-            self._pending_ids = []
+        if not stop:
+            self._pending_ids.append(token)
+            before = len(self.text)
+            self.text += self.decoder.push([token])
+            self._token_ends.append(len(self.text))
+            if self.speech is not None and self.speech_end is None:
+                at = _find(self.text, self.speech_stops, before)
+                if at is not None:
+                    self.speech_end = bisect_right(self._token_ends, at)
+            at = _find(self.text, self.stop_strings, before)
+            if at is not None:
+                self.text, self.stopped_by_string = self.text[:at], True
+                if self.speech_end is None:
+                    self.speech_end = bisect_right(self._token_ends, at)
+                self._send(len(self.text))
+                return True
+            self._send(len(self.text) - _held(self.text, self.stop_strings + self.speech_stops))
+        else:
+            self._token_ends.append(len(self.text))
+        return False
 
     def emit_text_end(self) -> None:
-        tail = self.decoder.flush()
-        if tail or self._pending_ids:
-            self.events.append(TextDelta(tail, self._pending_ids))
-            self._pending_ids = []
+        """The text is over: send what was held back (nothing after a stop string)."""
+        if not self.stopped_by_string:
+            self.text += self.decoder.flush()
+        self._send(len(self.text), force=True)
+
+    def _send(self, upto: int, force: bool = False) -> None:
+        if upto > self.sent or (force and self._pending_ids):
+            self.events.append(TextDelta(self.text[self.sent:upto], self._pending_ids))
+            self.sent, self._pending_ids = max(upto, self.sent), []
+
+    def speech_text(self) -> tuple[list[int], bool]:
+        """The tokens the talker may read so far, and whether that is all of them (the last
+        one then ends the text and is never spoken, as the reference's stop token)."""
+        if self.speech_end is not None:
+            return self.tokens[: self.speech_end] + [-1], True
+        if self.thinker_done:
+            return self.tokens, True
+        if not (self.stop_strings or self.speech_stops):
+            return self.tokens, False
+        return self.tokens[: bisect_right(self._token_ends, self.sent)], False
 
     def emit_audio(self, pcm: torch.Tensor, sample_rate: int) -> None:
         if pcm.numel():
@@ -87,6 +128,25 @@ class Request:
 
     def emit_finished(self, reason: str) -> None:
         self.events.append(Finished(reason, self.usage()))
+
+
+def _find(text: str, markers: tuple[str, ...], new_from: int) -> int | None:
+    """Where the first marker starts in `text`, searching only matches that end after
+    `new_from` (earlier text was searched before)."""
+    hits = [i for m in markers
+            if (i := text.find(m, max(0, new_from - len(m) + 1))) >= 0]
+    return min(hits, default=None)
+
+
+def _held(text: str, markers: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that could still grow into a marker."""
+    best = 0
+    for m in markers:
+        for n in range(min(len(m) - 1, len(text)), best, -1):
+            if text.endswith(m[:n]):
+                best = n
+                break
+    return best
 
 
 def new_speech(speaker_id: int, params: SamplingParams, code_params: SamplingParams,

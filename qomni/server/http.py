@@ -3,8 +3,8 @@
 One request, in order: the body-size guard reads at most `max_request_bytes`; the API key is
 checked; the JSON is validated (protocol.py); every media item is checked and read here (remote
 URLs only when allowed, local paths only under the allowed folder, size capped); then the
-`ModelWorker` runs `Omni.stream` on its own thread and the events are turned into one response
-or an SSE stream. Every failure is an OpenAI error JSON; nothing a client sends can stop the
+request streams from `Omni.astream` (the engine batches concurrent requests) and its events are
+turned into one response or an SSE stream. Every failure is an OpenAI error JSON; nothing a client sends can stop the
 server from answering the next request.
 
 Defaults that differ from OpenAI's, on purpose:
@@ -26,8 +26,6 @@ import hmac
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -55,6 +53,7 @@ from qomni.multimodal.audio import load_audio
 from qomni.multimodal.media import MediaError, read_media_bytes
 from qomni.sampling import SamplingParams
 from qomni.server.protocol import (
+    TOOL_OPEN,
     APIError,
     ChatCompletion,
     ChatCompletionRequest,
@@ -112,116 +111,29 @@ class Job:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-# Omni.stream's own keywords; the rest of a Job's kwargs go to the processor (chat template).
-_GENERATION_KWARGS = {"max_new_tokens", "sampling", "talker_sampling", "speaker", "return_audio",
-                      "max_audio_frames", "seed"}
-
-
-class _End:
-    pass
-
-
-@dataclass
-class _Raised:
-    error: BaseException
-
-
 class ModelWorker:
-    """The one place that calls the model. A single daemon thread runs requests one at a time
-    (the model is not thread-safe); events cross to the event loop through an asyncio queue.
-    When the consumer goes away (client disconnect, stop string), the generator is closed at the
-    next event, which aborts the request. Swap this class for the engine's async API
-    (`Omni.astream`) once it batches requests."""
+    """Admission in front of the engine. At most `max_pending` requests are queued or running
+    (more get 503); each streams from `Omni.astream`, whose engine batches it with the others
+    (continuous batching: requests join and leave between steps). A consumer that goes away
+    (client disconnect, cancelled task) closes its stream, which aborts the request and frees
+    its cache rows."""
 
     def __init__(self, omni: Any, max_pending: int):
         self.omni = omni
         self.max_pending = max_pending
         self.pending = 0
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._cancels: set[threading.Event] = set()
-        # A daemon thread, not an executor: a stuck model call must never block process exit.
-        threading.Thread(target=self._serve, name="qomni-model", daemon=True).start()
-
-    def _serve(self) -> None:
-        while (fn := self._jobs.get()) is not None:
-            try:
-                fn()
-            except Exception:
-                log.exception("model worker job failed")
-
-    def shutdown(self) -> None:
-        for cancel in list(self._cancels):
-            cancel.set()
-        self._jobs.put(None)
 
     async def stream(self, job: Job) -> AsyncIterator[Any]:
         if self.pending >= self.max_pending:
             raise APIError(503, f"server busy ({self.pending} requests pending); retry later",
                            code="server_busy")
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def put(item: Any) -> bool:
-            try:
-                loop.call_soon_threadsafe(inbox.put_nowait, item)
-                return True
-            except RuntimeError:  # the event loop is gone (shutdown)
-                return False
-
-        def run() -> None:
-            if cancel.is_set():
-                return
-            events = self.omni.stream(job.messages, **job.kwargs)
-            try:
-                for ev in events:
-                    if not put(ev) or cancel.is_set():
-                        break
-            except BaseException as e:  # noqa: BLE001 - handed to the request, never lost
-                put(_Raised(e))
-            finally:
-                try:
-                    events.close()
-                finally:
-                    put(_End())
-
         self.pending += 1
-        self._cancels.add(cancel)
         try:
-            self._jobs.put(run)
-            while True:
-                item = await inbox.get()
-                if isinstance(item, _End):
-                    return
-                if isinstance(item, _Raised):
-                    raise item.error
-                yield item
+            async with contextlib.aclosing(self.omni.astream(job.messages, **job.kwargs)) as evs:
+                async for ev in evs:
+                    yield ev
         finally:
-            cancel.set()
-            self._cancels.discard(cancel)
             self.pending -= 1
-
-    async def prompt_tokens(self, job: Job) -> int:
-        """Prompt length of a request that was stopped early (Omni.stream reports usage only
-        when it runs to the end)."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
-        kw = {k: v for k, v in job.kwargs.items() if k not in _GENERATION_KWARGS}
-
-        def settle(result: Any = None, error: BaseException | None = None) -> None:
-            if not done.done():
-                done.set_result(result) if error is None else done.set_exception(error)
-
-        def run() -> None:
-            try:
-                n = len(self.omni.process(job.messages, **kw))
-            except BaseException as e:  # noqa: BLE001 - handed to the request
-                loop.call_soon_threadsafe(settle, None, e)
-            else:
-                loop.call_soon_threadsafe(settle, n)
-
-        self._jobs.put(run)
-        return await done
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -347,12 +259,7 @@ def create_app(omni: Any, *, model_name: str | None = None, api_key: str | None 
     transcripts: OrderedDict[str, tuple[float, str]] = OrderedDict()
     created = int(time.time())
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        worker.shutdown()
-
-    app = FastAPI(title="qomni", lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="qomni", docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.omni, app.state.worker, app.state.metrics = omni, worker, metrics
     app.add_middleware(_Guard, limits=limits, metrics=metrics)
@@ -455,7 +362,6 @@ def create_app(omni: Any, *, model_name: str | None = None, api_key: str | None 
         if req.tool_choice not in (None, "auto", "none"):
             raise APIError(400, "tool_choice: only 'auto' and 'none' are supported",
                            param="tool_choice")
-        _ = req.stop_strings  # validates `stop`
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options needs stream=true", param="stream_options")
         n_media = count_media(req.messages)
@@ -468,7 +374,8 @@ def create_app(omni: Any, *, model_name: str | None = None, api_key: str | None 
                            f"{limits.max_tokens}", param="max_completion_tokens")
         kwargs: dict[str, Any] = {"max_new_tokens": max_new, "seed": req.seed,
                                   "return_audio": req.wants_audio,
-                                  "use_audio_in_video": req.audio_in_video}
+                                  "use_audio_in_video": req.audio_in_video,
+                                  "stop": req.stop_strings}  # the engine ends text and speech
         talker = omni.config.talker
         if req.wants_audio and not omni.model.audio_output:
             raise APIError(400, "this model cannot produce audio (no talker loaded); ask for "
@@ -493,6 +400,7 @@ def create_app(omni: Any, *, model_name: str | None = None, api_key: str | None 
         use_tools = bool(req.tools) and req.tool_choice != "none"
         if use_tools:
             kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+            kwargs["speech_stop"] = [TOOL_OPEN]  # tool calls are written, never spoken
         thinking = (req.chat_template_kwargs or {}).get("enable_thinking")
         if thinking is not None:
             if not isinstance(thinking, bool):
@@ -506,7 +414,7 @@ def create_app(omni: Any, *, model_name: str | None = None, api_key: str | None 
     async def respond(req: ChatCompletionRequest, job: Job, t0: float) -> AsyncIterator[Any]:
         """The engine's events as response pieces: str (content), dict (a tool call),
         np.ndarray (float32 PCM), and last a (finish_reason, UsageInfo) tuple."""
-        out = OutputFilter(req.stop_strings, parse_tools="tools" in job.kwargs)
+        out = OutputFilter(parse_tools="tools" in job.kwargs)
         tokens, frames, first_text, first_audio = 0, 0, True, True
         finished: Finished | None = None
         metrics.running.inc()
@@ -520,11 +428,8 @@ def create_app(omni: Any, *, model_name: str | None = None, api_key: str | None 
                             first_text = False
                         for piece in out.push(ev.text):
                             yield piece
-                        if out.stopped:
-                            break
                     elif isinstance(ev, AudioChunk):
-                        # Speech stops where a tool call starts: its markup is never spoken.
-                        if out.in_tools or ev.pcm.size == 0:
+                        if ev.pcm.size == 0:
                             continue
                         if first_audio:
                             metrics.ttfa.observe(time.perf_counter() - t0)
@@ -536,15 +441,13 @@ def create_app(omni: Any, *, model_name: str | None = None, api_key: str | None 
             for piece in pieces:
                 yield piece
             calls = any(isinstance(p, dict) for p in pieces) or out.in_tools
-            if finished is None:  # stopped at a stop string
-                usage = UsageInfo(await worker.prompt_tokens(job), tokens)
-                reason = "stop"
-            else:
-                if not first_audio:
-                    frames = finished.usage.audio_frames
-                usage = UsageInfo(finished.usage.prompt_tokens, finished.usage.completion_tokens,
-                                  frames)
-                reason = finished.reason
+            if finished is None:
+                raise RuntimeError("the model's stream ended without a result")
+            if not first_audio:
+                frames = finished.usage.audio_frames
+            usage = UsageInfo(finished.usage.prompt_tokens, finished.usage.completion_tokens,
+                              frames)
+            reason = finished.reason
             if calls and reason != "length":
                 reason = "tool_calls"
             metrics.prompt_tokens.inc(usage.prompt_tokens)

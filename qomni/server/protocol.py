@@ -327,7 +327,7 @@ def parse_tool_call(block: str) -> dict[str, Any] | None:
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     """Whole-text form of `OutputFilter` with tools on: (content, tool calls)."""
-    f = OutputFilter([], parse_tools=True)
+    f = OutputFilter(parse_tools=True)
     pieces = f.push(text) + f.finish()
     content = "".join(p for p in pieces if isinstance(p, str))
     calls = [p for p in pieces if isinstance(p, dict)]
@@ -335,27 +335,21 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
 
 
 class OutputFilter:
-    """Incremental post-processing of the model's text. `push(delta)` returns pieces that are
+    """Incremental tool-call parsing of the model's text. `push(delta)` returns pieces that are
     safe to emit: str (content) or dict (a complete OpenAI tool call). Text that could still
-    become a stop string or a `<tool_call>` tag is held back until it can be decided.
-
-    After a stop string, `stopped` is True and everything later is dropped. Once a `<tool_call>`
-    opens, `in_tools` is True (the caller stops speaking); whitespace between calls is dropped.
-    Stop strings are not searched inside tool-call blocks.
+    become a `<tool_call>` tag is held back until it can be decided. Once a `<tool_call>` opens,
+    `in_tools` is True; whitespace between calls is dropped. (Stop strings are the engine's:
+    it cuts the text, and the speech, before them.)
     """
 
-    def __init__(self, stop: Sequence[str], parse_tools: bool):
-        self.stop = list(stop)
-        self.markers = self.stop + ([TOOL_OPEN] if parse_tools else [])
+    def __init__(self, parse_tools: bool):
+        self.markers = [TOOL_OPEN] if parse_tools else []
         self.buf = ""
-        self.stopped = False
-        self.in_tools = False  # a tool call has started (speech stops here)
+        self.in_tools = False  # a tool call has started
         self._inside = False  # currently inside an unterminated <tool_call> block
         self._gap = ""  # whitespace before the open block: dropped unless the block is not JSON
 
     def push(self, text: str) -> list[str | dict]:
-        if self.stopped:
-            return []
         self.buf += text
         out: list[str | dict] = []
         while self.buf:
@@ -366,23 +360,16 @@ class OutputFilter:
                 self._emit_call(self.buf[:end], out)
                 self.buf, self._inside = self.buf[end + len(TOOL_CLOSE):], False
                 continue
-            hit = min(((i, s) for s in self.markers if (i := self.buf.find(s)) >= 0),
-                      default=None, key=lambda t: t[0])
-            if hit is None:
+            i = self.buf.find(TOOL_OPEN) if self.markers else -1
+            if i < 0:
                 keep = self._partial_tail()
                 self._content(self.buf[:len(self.buf) - keep], out)
                 self.buf = self.buf[len(self.buf) - keep:]
                 break
-            i, marker = hit
-            if marker == TOOL_OPEN and marker not in self.stop:
-                head = self.buf[:i].rstrip()
-                self._content(head, out)
-                self._gap = self.buf[len(head):i]
-                self.buf, self._inside, self.in_tools = self.buf[i + len(marker):], True, True
-            else:
-                self._content(self.buf[:i], out)
-                self.buf, self.stopped = "", True
-                break
+            head = self.buf[:i].rstrip()
+            self._content(head, out)
+            self._gap = self.buf[len(head):i]
+            self.buf, self._inside, self.in_tools = self.buf[i + len(TOOL_OPEN):], True, True
         return out
 
     def finish(self) -> list[str | dict]:
@@ -394,7 +381,7 @@ class OutputFilter:
                 self._emit_call(self.buf, out)
             else:
                 out.append(self._gap + TOOL_OPEN + self.buf)
-        elif not self.stopped:
+        else:
             self._content(self.buf, out)
         self.buf, self._inside = "", False
         return out
