@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from qomni.config import OmniConfig, TextConfig
-from qomni.events import AudioChunk, Finished, TextDelta
+from qomni.events import AudioChunk, TextDelta
 from qomni.models.code2wav_stream import StreamingCode2Wav
 from qomni.models.layers import KVCache
 from qomni.models.moe import SparseMoE
