@@ -375,6 +375,55 @@ def test_input_audio_and_allowed_local_file_match_engine(live):
     assert inline.usage.prompt_tokens == want.usage.prompt_tokens > 20
 
 
+def _mp4(seconds: float, fps: int = 2, with_sound: bool = True) -> bytes:
+    """A small H.264 video (moving colour blocks) with an AAC sine track."""
+    import av
+
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        video = out.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        sound = out.add_stream("aac", rate=16000) if with_sound else None
+        for _ in range(int(seconds * fps)):
+            frame = np.repeat(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), 8, 0).repeat(8, 1)
+            out.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(video.encode())
+        if sound is not None:
+            t = np.arange(int(seconds * 16000)) / 16000
+            wav = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * 330 * t))[None]
+                                             .astype(np.float32), format="fltp", layout="mono")
+            wav.sample_rate = 16000
+            out.mux(sound.encode(wav))
+            out.mux(sound.encode())
+    return buf.getvalue()
+
+
+def test_video_url_with_and_without_its_sound_matches_engine(live):
+    clip = _mp4(2.0)
+    url = "data:video/mp4;base64," + _b64(clip)
+    for use_audio in (False, True):
+        r = live.chat([{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": url}},
+            {"type": "text", "text": "What happens?"}]}], max_tokens=4,
+            extra_body={"mm_processor_kwargs": {"use_audio_in_video": use_audio}})
+        want = live.expected([{"role": "user", "content": [
+            {"type": "video", "video": clip}, {"type": "text", "text": "What happens?"}]}],
+            max_new_tokens=4, use_audio_in_video=use_audio)
+        assert r.choices[0].message.content == want.text
+        assert r.usage.prompt_tokens == want.usage.prompt_tokens
+
+
+def test_video_longer_than_the_limit_is_a_400(live):
+    too_long = _mp4(21.0, fps=1, with_sound=False)  # the live server allows 20 s per item
+    with pytest.raises(openai.BadRequestError) as e:
+        live.chat([{"role": "user", "content": [
+            {"type": "video_url",
+             "video_url": {"url": "data:video/mp4;base64," + _b64(too_long)}}]}], max_tokens=2)
+    assert "20 s limit" in _error(e, 400)["message"]
+    assert live.chat([{"role": "user", "content": "still there?"}], max_tokens=2).choices
+
+
 # ------------------------------------------------------------------------------ tools
 
 

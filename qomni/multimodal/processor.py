@@ -55,14 +55,17 @@ class ProcessedInputs:
 
 
 class Processor:
-    """`media_options` go to the media loaders (allow_remote, local_root, max_bytes, ...)."""
+    """`media_options` go to the media loaders (allow_remote, local_root, max_bytes, ...);
+    `max_media_seconds` caps every audio clip, video and video sound track (None: no cap)."""
 
-    def __init__(self, path: str | Path, config: OmniConfig, **media_options: Any):
+    def __init__(self, path: str | Path, config: OmniConfig,
+                 max_media_seconds: float | None = None, **media_options: Any):
         self.config = config
         self.pre = PreprocessorConfig.from_file(Path(path))
         self.tokenizer = Tokenizer(path)
         self.template = load_chat_template(path)
         self.media_options = media_options
+        self.max_media_seconds = max_media_seconds
 
     def render(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[dict] | None = None,
                add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
@@ -134,10 +137,12 @@ class Processor:
             if kind == "audio":
                 n_audio += 1
                 slots.append((kind, load_audio(media_source(part, kind), sampling_rate=rate,
+                                               max_seconds=self.max_media_seconds,
                                                name=f"audio #{n_audio}", **self.media_options)))
             elif kind == "video":
                 if use_audio_in_video:
                     slots.append((kind, load_video_audio(video_sources[n_video], sampling_rate=rate,
+                                                         max_seconds=self.max_media_seconds,
                                                          name=f"video #{n_video + 1}")))
                 n_video += 1
         return slots
@@ -170,7 +175,8 @@ class Processor:
         out = []
         for i, (part, src) in enumerate(zip(parts, sources)):
             name = f"video #{i + 1}"
-            frames, fps = load_video(src, fps=part.get("fps", FPS), name=name)
+            frames, fps = load_video(src, fps=part.get("fps", FPS), name=name,
+                                     max_seconds=self.max_media_seconds)
             out.append(preprocess_video(frames, fps, patch_size=p.patch_size,
                                         temporal_patch_size=p.temporal_patch_size,
                                         merge_size=p.merge_size, image_mean=p.image_mean,

@@ -83,7 +83,7 @@ class Limits:
     max_request_bytes: int = 64 * 1024 * 1024  # the whole HTTP body (base64 media included)
     max_media_items: int = 16  # media parts per request
     max_media_bytes: int = 48 * 1024 * 1024  # one decoded media item
-    max_media_seconds: float = 600.0  # one audio item's duration
+    max_media_seconds: float = 600.0  # one audio or video item's duration
     media_timeout_s: float = 30.0  # one remote download
     max_tokens: int = 8192  # the largest max_tokens a request may ask for
     default_max_tokens: int = 1024  # when the request gives none (Omni.generate's default)
@@ -98,6 +98,7 @@ def configure_media(omni: Any, *, allow_remote: bool, local_root: str | os.PathL
         allow_remote=allow_remote, allow_local=local_root is not None,
         local_root=str(local_root) if local_root is not None else None,
         max_bytes=limits.max_media_bytes, timeout=limits.media_timeout_s)
+    omni.processor.max_media_seconds = limits.max_media_seconds
 
 
 # ---------------------------------------------------------------------------------- the model
