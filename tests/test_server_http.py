@@ -236,19 +236,48 @@ def test_sampling_is_seeded(live):
     assert a.choices[0].message.content == want.text
 
 
-def test_concurrent_requests_are_served_one_after_another(live):
-    convs = [[{"role": "user", "content": f"Question {i}"}] for i in range(3)]
-    results = [None] * 3
+def test_sixteen_concurrent_streams_are_batched_and_all_correct(live):
+    """16 streaming clients at once, every fourth one asking for speech: each gets exactly what
+    it would get alone, the engine ran them side by side, and every cache row is free after."""
+    convs = [[{"role": "user", "content": f"Question {i}"}] for i in range(16)]
+    speak = set(range(0, 16, 4))
+    results: list = [None] * 16
+    engine = live.served._loop().engine
+    peak, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], len(engine.running))
+            time.sleep(0.002)
 
     def ask(i):
-        results[i] = live.chat(convs[i], max_tokens=4).choices[0].message.content
+        kw = {"max_tokens": 4, "stream": True}
+        if i in speak:
+            kw |= {"modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "pcm16"},
+                   "extra_body": {"max_audio_frames": 6}}
+        deltas = [c.choices[0].delta for c in live.chat(convs[i], **kw) if c.choices]
+        pcm = b"".join(base64.b64decode(_fields(d.audio)["data"]) for d in deltas
+                       if getattr(d, "audio", None) and _fields(d.audio).get("data"))
+        results[i] = ("".join(d.content or "" for d in deltas), pcm)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
-    assert results == [live.expected(c, max_new_tokens=4).text for c in convs]
+        t.join(300)
+    done.set()
+    watcher.join()
+    for i, conv in enumerate(convs):
+        if i in speak:
+            want = live.expected(conv, max_new_tokens=4, return_audio=True, max_audio_frames=6)
+            assert results[i] == (want.text, pcm16(want.audio).tobytes()), i
+        else:
+            assert results[i] == (live.expected(conv, max_new_tokens=4).text, b""), i
+    assert peak[0] > 1  # batched, not one after another
+    assert not engine.running and not engine.waiting
+    assert len(engine.free_rows) == len(engine.free_talker_rows) == engine.cache.k.shape[1]
 
 
 def test_client_disconnect_cancels_the_request(live):
@@ -265,6 +294,10 @@ def test_client_disconnect_cancels_the_request(live):
     deadline = time.monotonic() + 10
     while "qomni_requests_running 0.0" not in live.raw("GET", "/metrics")[1]:
         assert time.monotonic() < deadline, "the abandoned request is still running"
+        time.sleep(0.1)
+    engine = live.served._loop().engine
+    while engine.running or len(engine.free_rows) < engine.cache.k.shape[1]:
+        assert time.monotonic() < deadline, "the abandoned request still holds a cache row"
         time.sleep(0.1)
 
 
