@@ -86,7 +86,8 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(omni, model_name=name,
                      api_key=args.api_key or os.environ.get("QOMNI_API_KEY") or None,
                      allowed_local_media_path=args.allowed_local_media_path,
-                     allow_remote_media=args.allow_remote_media, limits=limits)
+                     allow_remote_media=args.allow_remote_media, limits=limits,
+                     reasoning={"auto": None, "on": True, "off": False}[args.reasoning])
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qomni: serving {name!r} at http://{host}:{args.port}/v1 (OpenAI API: "
           "/v1/chat/completions, /v1/models, /v1/realtime; also /health, /metrics)",
@@ -158,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-mb", type=int, default=64, help="largest request body")
     s.add_argument("--max-media-items", type=int, default=16, help="media parts per request")
     s.add_argument("--max-media-seconds", type=float, default=600.0,
-                   help="longest audio input")
+                   help="longest audio or video input")
+    s.add_argument("--reasoning", choices=("auto", "on", "off"), default="auto",
+                   help="answer with reasoning_content apart from content (auto: on for a "
+                        "Thinking checkpoint)")
     s.add_argument("--dtype", help="float32 | bfloat16 | float16")
     s.add_argument("--device", help="cpu | cuda | cuda:N")
     s.add_argument("--log-level", default="info")

@@ -31,6 +31,8 @@ from qomni import Omni
 from qomni.server import Limits, create_app
 from qomni.server.protocol import (
     OutputFilter,
+    Reasoning,
+    ReasoningSplitter,
     encode_audio,
     parse_tool_calls,
     pcm16,
@@ -574,6 +576,69 @@ def test_tool_call_wire_format(live):
         assert [c["speech_stop"] for c in scripted.calls] == [["<tool_call>"]] * 2
     finally:
         stop()
+
+
+class _Thinking:
+    """The served Omni writing like a Thinking checkpoint, its tags split across deltas."""
+
+    PIECES = ["<thi", "nk>\nThe user", " greets me.\n</th", "ink>\n", "\nHello", " there!"]
+
+    def __init__(self, omni):
+        self._omni = omni
+
+    def __getattr__(self, name):
+        return getattr(self._omni, name)
+
+    async def astream(self, messages, **kwargs):
+        from qomni import Finished, TextDelta, Usage
+
+        for i, piece in enumerate(self.PIECES):
+            yield TextDelta(piece, [i])
+        yield Finished("stop", Usage(7, len(self.PIECES), 0))
+
+
+def test_thinking_reasoning_comes_apart_from_the_answer(live):
+    import copy
+
+    served = _Thinking(live.served)
+    served.path = "/models/Qwen3-Omni-30B-A3B-Thinking"  # auto: on for a Thinking checkpoint
+    served.processor = copy.copy(live.served.processor)  # its own media rules
+    served.processor.media_options = {}
+    url, stop = _start(create_app(served, model_name=MODEL))
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        conv = [{"role": "user", "content": "Hi"}]
+        msg = client.chat.completions.create(model=MODEL, messages=conv).choices[0].message
+        assert (msg.reasoning_content, msg.content) == ("The user greets me.", "Hello there!")
+        deltas = [c.choices[0].delta for c in client.chat.completions.create(
+            model=MODEL, messages=conv, stream=True) if c.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == \
+            "The user greets me."
+        assert "".join(d.content or "" for d in deltas) == "Hello there!"
+        # enable_thinking=false: the template closes the think block itself, nothing to split
+        msg = client.chat.completions.create(
+            model=MODEL, messages=conv,
+            extra_body={"chat_template_kwargs": {"enable_thinking": False}}).choices[0].message
+        assert msg.content == "".join(_Thinking.PIECES) and msg.reasoning_content is None
+    finally:
+        stop()
+
+
+def test_reasoning_splitter_does_not_depend_on_chunking():
+    text = "<think>\nStep one.\n\nStep two.  \n</think>\n\nDone. "
+    rng = random.Random(1)
+    for _ in range(30):
+        f, out, i = ReasoningSplitter(), [], 0
+        while i < len(text):
+            n = rng.randint(1, 4)
+            out += f.push(text[i:i + n])
+            i += n
+        out += f.finish()
+        assert "".join(p.text for p in out if isinstance(p, Reasoning)) == \
+            "Step one.\n\nStep two."
+        assert "".join(p for p in out if isinstance(p, str)) == "Done. "
+    f = ReasoningSplitter()  # cut before </think>: all reasoning
+    assert f.push("<think>\nhalf a thou") + f.finish() == [Reasoning("half a thou")]
 
 
 # ------------------------------------------------------------------------------ errors

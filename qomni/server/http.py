@@ -59,6 +59,8 @@ from qomni.server.protocol import (
     ChatCompletionRequest,
     Choice,
     OutputFilter,
+    Reasoning,
+    ReasoningSplitter,
     ResponseMessage,
     UsageInfo,
     b64,
@@ -246,13 +248,18 @@ def _as_api_error(e: BaseException) -> APIError:
 
 def create_app(omni: Any, *, model_name: str | None = None, api_key: str | None = None,
                allowed_local_media_path: str | os.PathLike | None = None,
-               allow_remote_media: bool = False, limits: Limits | None = None) -> FastAPI:
+               allow_remote_media: bool = False, limits: Limits | None = None,
+               reasoning: bool | None = None) -> FastAPI:
     """The FastAPI app serving `omni` (an `Omni`) under `model_name` (default: the checkpoint
     directory's name). `api_key`: required as `Authorization: Bearer KEY` on /v1 when set.
+    `reasoning`: answer with `reasoning_content` (the text before `</think>`) apart from
+    `content`; default: on for a checkpoint whose directory name says "Thinking".
     Media: remote URLs only with `allow_remote_media`; local paths only under
     `allowed_local_media_path` (none at all without it)."""
     limits = limits or Limits()
     name = model_name or Path(omni.path).name
+    if reasoning is None:
+        reasoning = "thinking" in Path(omni.path).name.lower()
     local_root = Path(allowed_local_media_path).resolve() if allowed_local_media_path else None
     configure_media(omni, allow_remote=allow_remote_media, local_root=local_root, limits=limits)
     worker = ModelWorker(omni, limits.max_pending)
@@ -413,9 +420,17 @@ def create_app(omni: Any, *, model_name: str | None = None, api_key: str | None 
         return Job(messages, kwargs)
 
     async def respond(req: ChatCompletionRequest, job: Job, t0: float) -> AsyncIterator[Any]:
-        """The engine's events as response pieces: str (content), dict (a tool call),
-        np.ndarray (float32 PCM), and last a (finish_reason, UsageInfo) tuple."""
+        """The engine's events as response pieces: str (content), Reasoning, dict (a tool
+        call), np.ndarray (float32 PCM), and last a (finish_reason, UsageInfo) tuple."""
         out = OutputFilter(parse_tools="tools" in job.kwargs)
+        thinks = reasoning and job.kwargs.get("enable_thinking") is not False
+        split = ReasoningSplitter() if thinks else None
+
+        def text_pieces(parts: list[Any]) -> list[Any]:
+            pieces = []
+            for part in parts:
+                pieces += [part] if isinstance(part, Reasoning) else out.push(part)
+            return pieces
         tokens, frames, first_text, first_audio = 0, 0, True, True
         finished: Finished | None = None
         metrics.running.inc()
@@ -427,7 +442,7 @@ def create_app(omni: Any, *, model_name: str | None = None, api_key: str | None 
                         if first_text and ev.token_ids:
                             metrics.ttft.observe(time.perf_counter() - t0)
                             first_text = False
-                        for piece in out.push(ev.text):
+                        for piece in text_pieces(split.push(ev.text) if split else [ev.text]):
                             yield piece
                     elif isinstance(ev, AudioChunk):
                         if ev.pcm.size == 0:
@@ -438,7 +453,7 @@ def create_app(omni: Any, *, model_name: str | None = None, api_key: str | None 
                         yield ev.pcm
                     elif isinstance(ev, Finished):
                         finished = ev
-            pieces = out.finish()
+            pieces = (text_pieces(split.finish()) if split else []) + out.finish()
             for piece in pieces:
                 yield piece
             calls = any(isinstance(p, dict) for p in pieces) or out.in_tools
@@ -526,6 +541,7 @@ async def _whole(request: Request, req: ChatCompletionRequest, first: Any,
         raise _as_api_error(e) from None
     reason, usage = items[-1]
     text = "".join(p for p in items if isinstance(p, str))
+    thought = "".join(p.text for p in items if isinstance(p, Reasoning))
     calls = [p for p in items if isinstance(p, dict)]
     if calls:
         text = text.strip()
@@ -540,7 +556,8 @@ async def _whole(request: Request, req: ChatCompletionRequest, first: Any,
     body = ChatCompletion(
         id=new_id("chatcmpl-"), model=model, usage=usage.to_json(),
         choices=[Choice(finish_reason=reason, message=ResponseMessage(
-            content=text if text or not calls else None, audio=audio, tool_calls=calls or None))])
+            content=text if text or not calls else None, audio=audio, tool_calls=calls or None,
+            reasoning_content=thought or None))])
     return _json(200, body.model_dump())
 
 
@@ -567,6 +584,8 @@ async def _sse(req: ChatCompletionRequest, first: Any, pieces: AsyncIterator[Any
                     if audio_id:
                         delta["audio"] = {"id": audio_id, "transcript": piece}
                     yield event(delta)
+                elif isinstance(piece, Reasoning):
+                    yield event({"reasoning_content": piece.text})
                 elif isinstance(piece, dict):
                     yield event({"tool_calls": [{"index": n_calls, **piece}]})
                     n_calls += 1

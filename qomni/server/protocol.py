@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "opus", "pcm16")
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -334,6 +335,69 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     return (content.strip() if calls else content), calls
 
 
+@dataclass
+class Reasoning:
+    """A piece of a Thinking model's reasoning (OpenAI-style `reasoning_content`)."""
+
+    text: str
+
+
+class ReasoningSplitter:
+    """Splits a Thinking model's text into its reasoning and its answer, incrementally.
+
+    The Thinking template's generation prompt leaves `<think>` to the model: everything before
+    `</think>` is reasoning (a leading `<think>` is dropped), everything after is the answer.
+    Partial tags, and whitespace that might end the reasoning, are held back until decided, so
+    the joined pieces do not depend on how the text was chunked. `push` returns `Reasoning`
+    pieces and answer strings; a reply cut before `</think>` is all reasoning.
+    """
+
+    def __init__(self) -> None:
+        self.buf = ""
+        self.opened = False  # past a possible leading <think>
+        self.closed = False  # past </think>
+        self.reasoning_started = False  # a non-blank reasoning character was sent
+        self.answer_started = False  # a non-blank answer character was sent
+
+    def push(self, text: str) -> list[Reasoning | str]:
+        if self.closed:
+            return self._answer(text)
+        self.buf += text
+        if not self.opened:
+            head = self.buf.lstrip()
+            if len(head) < len(THINK_OPEN) and THINK_OPEN.startswith(head):
+                return []  # could still become "<think>"
+            self.opened = True
+            self.buf = head[len(THINK_OPEN):] if head.startswith(THINK_OPEN) else self.buf
+        end = self.buf.find(THINK_CLOSE)
+        if end >= 0:
+            reasoning, rest = self.buf[:end], self.buf[end + len(THINK_CLOSE):]
+            self.buf, self.closed = "", True
+            return self._reasoning(reasoning.rstrip()) + self._answer(rest)
+        keep = next((n for n in range(min(len(THINK_CLOSE) - 1, len(self.buf)), 0, -1)
+                     if self.buf.endswith(THINK_CLOSE[:n])), 0)
+        ready = self.buf[:len(self.buf) - keep]
+        ready = ready.rstrip()  # trailing blanks wait: they may be the last before </think>
+        self.buf = self.buf[len(ready):]
+        return self._reasoning(ready)
+
+    def finish(self) -> list[Reasoning | str]:
+        out, self.buf = self.buf, ""
+        return [] if self.closed else self._reasoning(out.rstrip())
+
+    def _reasoning(self, text: str) -> list[Reasoning | str]:
+        if not self.reasoning_started:
+            text = text.lstrip()
+            self.reasoning_started = bool(text)
+        return [Reasoning(text)] if text else []
+
+    def _answer(self, text: str) -> list[Reasoning | str]:
+        if not self.answer_started:
+            text = text.lstrip()
+            self.answer_started = bool(text)
+        return [text] if text else []
+
+
 class OutputFilter:
     """Incremental tool-call parsing of the model's text. `push(delta)` returns pieces that are
     safe to emit: str (content) or dict (a complete OpenAI tool call). Text that could still
@@ -483,6 +547,7 @@ class AudioOut(BaseModel):
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None
     audio: AudioOut | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
