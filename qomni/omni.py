@@ -20,7 +20,7 @@ from qomni.config import OmniConfig
 from qomni.engine.engine import Engine
 from qomni.engine.generate import prefill
 from qomni.engine.loop import EngineLoop
-from qomni.engine.request import Request, new_speech
+from qomni.engine.request import Prefix, Request, new_speech
 from qomni.engine.speech import code_predictor_sampling, talker_sampling_defaults
 from qomni.events import AudioChunk, Finished, GenerateOutput, TextDelta
 from qomni.models.omni import OmniModel
@@ -130,18 +130,22 @@ class Omni:
                  return_audio: bool | None = None, max_audio_frames: int | None = None,
                  use_audio_in_video: bool = False, seed: int | None = None,
                  stop: Sequence[str] = (), speech_stop: Sequence[str] = (),
+                 prefix: PromptPrefix | None = None,
                  **template_kwargs: Any) -> GenerateOutput | list[GenerateOutput]:
         """Answer one conversation (or a list of them, run as a batch). With speech output, also
         returns `audio` (float32, 24 kHz) and `codes` [num_code_groups, frames].
 
         `stop`: strings that end the text (cut before them, finish_reason "stop"); the speech
         says exactly the text before them. `speech_stop`: strings where the speech ends while
-        the text goes on (e.g. "<tool_call>": a tool call is written, never spoken)."""
+        the text goes on (e.g. "<tool_call>": a tool call is written, never spoken).
+        `prefix`: an `open_prefix` result whose tokens begin this prompt (one conversation)."""
         batched = _is_batch(messages)
+        if batched and prefix is not None:
+            raise ValueError("prefix= goes with one conversation, not a batch")
         convs = list(messages) if batched else [messages]
         reqs = [self._request(c, max_new_tokens, sampling, talker_sampling, speaker,
                               return_audio, max_audio_frames, use_audio_in_video, seed, stop,
-                              speech_stop, template_kwargs) for c in convs]
+                              speech_stop, prefix, template_kwargs) for c in convs]
         inbox: queue.Queue = queue.Queue()
         loop = self._loop()
         for req in reqs:
@@ -207,14 +211,39 @@ class Omni:
             if not req.finished:
                 loop.abort(req)
 
+    def open_prefix(self, messages: Conversation, *, use_audio_in_video: bool = False,
+                    **template_kwargs: Any) -> PromptPrefix:
+        """Prefill the beginning of a prompt now, before the request exists: `messages` is the
+        conversation so far, e.g. while the user is still speaking the next turn. Pass the result as `prefix=` to the request whose prompt
+        continues it: when its first tokens and input embeddings equal the prefix's, only the
+        rest is prefilled; otherwise it is prefilled whole, so the result never changes. A prefix
+        holds a cache row until a request takes it over, `close()`, or a request that needs the
+        row (a prefix never makes requests wait)."""
+        if _is_batch(messages):
+            raise ValueError("open_prefix() takes one conversation")
+        # Rendered with a next user turn after it, then cut where that turn starts: the
+        # template renders a message differently once a user turn follows it (an assistant
+        # reply after the last user query keeps its think block).
+        probe = self.process([*messages, {"role": "user", "content": "."}], use_audio_in_video,
+                             add_generation_prompt=False, **template_kwargs)
+        starts = torch.nonzero(probe.input_ids == self.config.tokens.im_start).flatten()
+        n = int(starts[-1])
+        inputs = dataclasses.replace(probe, input_ids=probe.input_ids[:n],
+                                     positions=probe.positions[:, :n], prompt="")
+        prefix = Prefix(inputs, capture=self.model.audio_output)
+        loop = self._loop()
+        loop.open_prefix(prefix)
+        return PromptPrefix(prefix, loop)
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _request_from(self, messages: Conversation, kwargs: dict[str, Any]) -> Request:
         names = ("max_new_tokens", "sampling", "talker_sampling", "speaker", "return_audio",
-                 "max_audio_frames", "use_audio_in_video", "seed", "stop", "speech_stop")
+                 "max_audio_frames", "use_audio_in_video", "seed", "stop", "speech_stop",
+                 "prefix")
         defaults = dict(max_new_tokens=1024, sampling=None, talker_sampling=None, speaker=None,
                         return_audio=None, max_audio_frames=None, use_audio_in_video=False,
-                        seed=None, stop=(), speech_stop=())
+                        seed=None, stop=(), speech_stop=(), prefix=None)
         args = {k: kwargs.pop(k, defaults[k]) for k in names}
         return self._request(messages, template_kwargs=kwargs, **args)
 
@@ -222,7 +251,10 @@ class Omni:
                  talker_sampling: SamplingParams | None, speaker: str | None,
                  return_audio: bool | None, max_audio_frames: int | None,
                  use_audio_in_video: bool, seed: int | None, stop: Sequence[str],
-                 speech_stop: Sequence[str], template_kwargs: dict[str, Any]) -> Request:
+                 speech_stop: Sequence[str], prefix: PromptPrefix | None,
+                 template_kwargs: dict[str, Any]) -> Request:
+        if prefix is not None and not isinstance(prefix, PromptPrefix):
+            raise ValueError(f"prefix must come from Omni.open_prefix, got {type(prefix).__name__}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         stop, speech_stop = _strings("stop", stop), _strings("speech_stop", speech_stop)
@@ -242,7 +274,8 @@ class Omni:
                                 max_audio_frames, self.device)
         return Request(inputs, Sampler([params], self.device), max_new_tokens,
                        StreamDecoder(self.tokenizer), speech, stop_strings=stop,
-                       speech_stops=speech_stop)
+                       speech_stops=speech_stop,
+                       prefix=prefix.prefix if prefix is not None else None)
 
     def _output(self, req: Request, audio: list[np.ndarray]) -> GenerateOutput:
         ids = req.text_ids()
@@ -286,6 +319,24 @@ class Omni:
                 self.config.talker.speaker(speaker)  # still reject unknown voices
             return False, -1
         return True, self.config.talker.speaker(speaker or DEFAULT_SPEAKER)
+
+
+class PromptPrefix:
+    """A prompt beginning being prefilled by the engine (see `Omni.open_prefix`)."""
+
+    def __init__(self, prefix: Prefix, loop: EngineLoop):
+        self.prefix, self._loop = prefix, loop
+
+    def __len__(self) -> int:
+        return len(self.prefix.inputs)
+
+    @property
+    def ready(self) -> bool:
+        return self.prefix.ready and not self.prefix.closed
+
+    def close(self) -> None:
+        """Free its cache row now (a no-op once a request took it over)."""
+        self._loop.close_prefix(self.prefix)
 
 
 def _strings(name: str, value: Sequence[str]) -> tuple[str, ...]:

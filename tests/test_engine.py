@@ -1,6 +1,8 @@
 """The engine: streaming equals non-streaming, mixed batches equal single runs, aborts free
 everything, bad requests fail alone."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -178,3 +180,72 @@ def test_bad_stop_strings(omni, bad):
         omni.generate(HELLO, max_new_tokens=2, stop=bad)
     with pytest.raises(ValueError, match="speech_stop"):
         omni.generate(HELLO, max_new_tokens=2, speech_stop=bad)
+
+
+HISTORY = [{"role": "system", "content": "You are a helpful voice assistant."},
+           {"role": "user", "content": "Hi there"},
+           {"role": "assistant", "content": "Hello! How can I help?"}]
+
+
+def _next_turn():
+    t = np.arange(16000) / 16000
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    return [*HISTORY, {"role": "user", "content": [
+        {"type": "audio", "audio": tone}, {"type": "text", "text": "And this?"}]}]
+
+
+def _rows_all_free(engine):
+    return len(engine.free_rows) == engine.cache.k.shape[1] and not engine.prefixes
+
+
+def test_prefix_is_continued_and_changes_nothing(omni):
+    """The conversation so far is prefilled ahead (as while the user speaks); the next turn's
+    request continues that row and answers exactly as without it."""
+    kw = dict(max_new_tokens=8, max_audio_frames=10, talker_sampling=GREEDY_TALKER)
+    turn = _next_turn()
+    want = omni.generate(turn, **kw)
+    engine = omni._loop().engine
+    hits = engine.prefix_hits
+    prefix = omni.open_prefix(HISTORY)
+    assert 0 < len(prefix) < len(omni.process(turn))
+    deadline = time.monotonic() + 30
+    while not prefix.ready:  # prefilled by the engine thread
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    got = omni.generate(turn, prefix=prefix, **kw)
+    assert engine.prefix_hits == hits + 1
+    assert got.token_ids == want.token_ids and torch.equal(got.codes, want.codes)
+    assert np.abs(got.audio - want.audio).max() <= 1e-5
+    prefix.close()  # already taken over: nothing to free
+    assert _rows_all_free(engine)
+
+
+def test_a_prefix_that_does_not_match_is_ignored(omni):
+    kw = dict(max_new_tokens=6, return_audio=False)
+    turn = _next_turn()
+    want = omni.generate(turn, **kw)
+    engine = omni._loop().engine
+    hits = engine.prefix_hits
+    other = omni.open_prefix([{"role": "system", "content": "Something else entirely."}])
+    deadline = time.monotonic() + 30
+    while not other.ready:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    got = omni.generate(turn, prefix=other, **kw)
+    assert engine.prefix_hits == hits and got.token_ids == want.token_ids
+    assert _rows_all_free(engine)
+
+
+def test_prefixes_never_make_requests_wait(omni):
+    engine = omni._loop().engine
+    held = [omni.open_prefix(HISTORY[:k]) for k in (1, 2, 3, 1, 2)]  # more than the 4 rows
+    out = omni.generate([STORY, HELLO], max_new_tokens=4, return_audio=False)
+    assert all(o.finish_reason == "length" for o in out)
+    for p in held:
+        p.close()
+    deadline = time.monotonic() + 10
+    while not _rows_all_free(engine):
+        assert time.monotonic() < deadline, "prefixes still hold rows"
+        time.sleep(0.05)
+    with pytest.raises(ValueError, match="open_prefix"):
+        omni.generate(HELLO, max_new_tokens=2, prefix="not a prefix")

@@ -142,7 +142,7 @@ def live(tmp_path_factory):
         pass
 
     lv = Live()
-    lv.url, lv.ref = url, ref
+    lv.url, lv.ref, lv.served = url, ref, served
     lv.generate = lambda conv, **kw: ref.generate(conv, **kw)
     yield lv
     stop()
@@ -160,6 +160,8 @@ def test_server_vad_turns_match_the_engine_and_keep_history(live):
     gen = {"max_new_tokens": 6, "max_audio_frames": 8, "seed": 3, "speaker": "Ethan",
            "return_audio": True}
     history, prompts, offset = [SYSTEM], [], 0
+    engine = live.served._loop().engine
+    hits = engine.prefix_hits
     for name in ("0880", "0890"):
         sent = _padded(_clip(name))
         rt.stream(sent)
@@ -184,6 +186,12 @@ def test_server_vad_turns_match_the_engine_and_keep_history(live):
         prompts.append(want.usage.prompt_tokens)
         offset += len(sent) // 16
     assert prompts[1] > prompts[0] + 10  # the second prompt holds the first exchange
+    # The conversation so far was prefilled while the user spoke, and the replies (equal to
+    # the engine's on the whole prompt, above) continued it. The first turn always can; the
+    # second only when the reference encodes the first clip the same way next to the new one
+    # (its audio encoder pads a batch's clips together, so a longer new clip changes the old
+    # clip's embeddings in the last bits, and the engine then prefills the whole prompt).
+    assert engine.prefix_hits >= hits + 1
     rt.close()
 
 

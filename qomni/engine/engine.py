@@ -19,10 +19,11 @@ from collections.abc import Sequence
 import torch
 
 from qomni.engine.generate import embed_batch
-from qomni.engine.request import Request
+from qomni.engine.request import Prefix, Request
 from qomni.engine.speech import build_talker_prompt, special_embeds, trailing_token
 from qomni.models.code2wav_stream import StreamingCode2Wav, push_together
 from qomni.models.omni import OmniModel
+from qomni.models.thinker import Deepstack
 from qomni.sampling import Sampler
 
 
@@ -39,6 +40,8 @@ class Engine:
         self.free_rows = list(range(max_num_seqs))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.prefixes: list[Prefix] = []  # waiting for a row, or prefilled and holding one
+        self.prefix_hits = 0  # requests that continued a prefix
         if model.audio_output:
             tcfg = self.cfg.talker
             self.talker_cache = model.talker.new_cache(max_num_seqs, max_talker_len)
@@ -77,8 +80,25 @@ class Engine:
             req.finish_reason = req.finish_reason or "abort"
             self._release(req, "abort")
 
+    def add_prefix(self, prefix: Prefix) -> None:
+        n = len(prefix.inputs)
+        if not 0 < n < self.max_model_len:
+            raise ValueError(f"a prefix of {n} tokens does not fit max_model_len "
+                             f"{self.max_model_len}")
+        self.prefixes.append(prefix)
+
+    def release_prefix(self, prefix: Prefix) -> None:
+        """Free what a prefix holds (nothing once a request took it over)."""
+        if prefix in self.prefixes:
+            self.prefixes.remove(prefix)
+        if prefix.row is not None and not prefix.closed:
+            self.free_rows.append(prefix.row)
+        prefix.row, prefix.closed, prefix.ready = None, True, False
+        prefix.embeds = prefix.captured = None
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running
+                    or (self.free_rows and any(not p.ready for p in self.prefixes)))
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -93,12 +113,49 @@ class Engine:
             self._release(req, req.finish_reason)
 
     def _admit(self) -> None:
-        while self.waiting and self.free_rows:
+        # Requests come first: a prefix still waiting gives way, and prefilled ones give their
+        # rows back when requests wait for rows (a request never waits on a prefix).
+        while self.waiting and not self.free_rows:
+            idle = [p for p in self.prefixes if p.row is not None
+                    and all(r.prefix is not p for r in self.waiting)]
+            if not idle:
+                break
+            self.release_prefix(idle[0])
+        self._admit_requests()
+        for prefix in [p for p in self.prefixes if not p.ready]:
+            if not self.free_rows or self.waiting:
+                break
+            prefix.row = self.free_rows.pop(0)
+            try:
+                self._prefill_prefix(prefix)
+            except Exception:  # noqa: BLE001 - a prefix is an optimisation: drop it
+                self.release_prefix(prefix)
+
+    def _prefill_prefix(self, prefix: Prefix) -> None:
+        thinker = self.model.thinker
+        self.cache.reset([prefix.row])
+        embeds, pos, _, lengths, deepstack = embed_batch(thinker, [prefix.inputs], self.device)
+        capture = self.cfg.talker.accept_hidden_layer if prefix.capture else None
+        _, captured = thinker(embeds, pos, self.cache.rows([prefix.row]), lengths, deepstack,
+                              capture)
+        prefix.embeds = embeds[0]
+        prefix.captured = captured[0] if captured is not None else None
+        prefix.ready = True
+
+    def _admit_requests(self) -> None:
+        while self.waiting and (self.free_rows or self._prefix_row(self.waiting[0])):
             req = self.waiting[0]
             if req.speech is not None and not self.free_talker_rows:
                 return
             self.waiting.popleft()
-            req.row = self.free_rows.pop(0)
+            if self._prefix_row(req):
+                req.row = req.prefix.row  # the prefix's row, continued or reset by _prefill
+                self.prefixes.remove(req.prefix)
+                req.prefix.closed = True
+            else:
+                req.row = self.free_rows.pop(0)
+                if req.prefix is not None:  # not prefilled yet: no use any more
+                    self.release_prefix(req.prefix)
             if req.speech is not None:
                 req.speech.row = self.free_talker_rows.pop(0)
             self.running.append(req)
@@ -108,13 +165,32 @@ class Engine:
                 self._release(req, "error")
                 req.events.append(e)
 
+    def _prefix_row(self, req: Request) -> bool:
+        p = req.prefix
+        return p is not None and p.ready and p.row is not None and not p.closed
+
     def _prefill(self, req: Request) -> None:
         thinker = self.model.thinker
-        self.cache.reset([req.row])
         embeds, pos, _, lengths, deepstack = embed_batch(thinker, [req.inputs], self.device)
         capture = self.cfg.talker.accept_hidden_layer if req.speech else None
-        hidden, captured = thinker(embeds, pos, self.cache.rows([req.row]), lengths, deepstack,
-                                   capture)
+        n = self._continued(req, embeds[0])
+        if n:  # the row holds the first n tokens: prefill only the rest
+            req.prefix_used = True
+            self.prefix_hits += 1
+            if deepstack is not None:
+                seen = int(deepstack.mask[0, :n].sum())
+                deepstack = Deepstack(deepstack.mask[:, n:], [f[seen:] for f in deepstack.features])
+            hidden, captured = thinker(embeds[:, n:], pos[:, :, n:], self.cache.rows([req.row]),
+                                       lengths - n, deepstack, capture)
+            if captured is not None:
+                captured = torch.cat([req.prefix.captured[None], captured], dim=1)
+        else:
+            self.cache.reset([req.row])
+            hidden, captured = thinker(embeds, pos, self.cache.rows([req.row]), lengths,
+                                       deepstack, capture)
+        if req.prefix is not None:
+            req.prefix.embeds = req.prefix.captured = None
+            req.prefix.row = None
         if req.speech is not None:
             req.embeds, req.captured = embeds[0], captured[0]
         if req.sampler.uses_penalty:  # the reference penalises prompt tokens too
@@ -122,6 +198,22 @@ class Engine:
                                    device=self.device)
             req.seen[req.inputs.input_ids.to(self.device)] = True
         self._accept([req], thinker.logits(hidden[:, -1]))
+
+    def _continued(self, req: Request, embeds: torch.Tensor) -> int:
+        """How many prompt tokens the request's row already holds from its prefix: all of the
+        prefix when the prompt starts with exactly its ids and input embeddings (media
+        included) and the rest is not empty; else 0."""
+        p = req.prefix
+        if p is None or p.row is None or p.row != req.row or p.embeds is None:
+            return 0
+        n = len(p.inputs)
+        ids = req.inputs.input_ids
+        if (n >= len(req.inputs) or not torch.equal(ids[:n], p.inputs.input_ids)
+                or not torch.equal(req.inputs.positions[:, :n], p.inputs.positions)
+                or not torch.equal(embeds[:n], p.embeds)
+                or (req.speech is not None and p.captured is None)):
+            return 0
+        return n
 
     def _decode(self) -> None:
         reqs = [r for r in self.running if r.tokens and not r.thinker_done]

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 
 from qomni.engine.engine import Engine
-from qomni.engine.request import Request
+from qomni.engine.request import Prefix, Request
 
 Deliver = Callable[[object], None]  # receives events, or an Exception that ends the request
 
@@ -19,6 +19,7 @@ class EngineLoop:
         self._cv = threading.Condition()
         self._inbox: list[tuple[Request, Deliver]] = []
         self._aborts: list[Request] = []
+        self._prefix_ops: list[tuple[bool, Prefix]] = []  # (open?, prefix)
         self._callbacks: dict[str, tuple[Request, Deliver]] = {}
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="qomni-engine", daemon=True)
@@ -42,15 +43,35 @@ class EngineLoop:
             self._aborts.append(req)
             self._cv.notify()
 
+    def open_prefix(self, prefix: Prefix) -> None:
+        with self._cv:
+            self._prefix_ops.append((True, prefix))
+            self._cv.notify()
+
+    def close_prefix(self, prefix: Prefix) -> None:
+        with self._cv:
+            self._prefix_ops.append((False, prefix))
+            self._cv.notify()
+
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._inbox or self._aborts or self.engine.has_work() or self._closed):
+                while not (self._inbox or self._aborts or self._prefix_ops
+                           or self.engine.has_work() or self._closed):
                     self._cv.wait()
                 if self._closed:
                     return
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
+                prefix_ops, self._prefix_ops = self._prefix_ops, []
+            for is_open, prefix in prefix_ops:
+                if not is_open:
+                    self.engine.release_prefix(prefix)
+                elif not prefix.closed:
+                    try:
+                        self.engine.add_prefix(prefix)
+                    except ValueError:  # too long to help: the request prefills it all
+                        prefix.closed = True
             for req, deliver in inbox:
                 try:
                     self.engine.add(req)

@@ -36,6 +36,21 @@ class SpeechState:
     codes: list[torch.Tensor] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class Prefix:
+    """The beginning of a prompt, prefilled into a thinker cache row ahead of its request (for
+    example the conversation so far, while the user is still speaking). A request that starts
+    with exactly these embeddings takes the row over and prefills only the rest."""
+
+    inputs: ProcessedInputs
+    capture: bool  # keep what the talker prompt needs (embeds, accept-layer hidden)
+    row: int | None = None
+    ready: bool = False
+    closed: bool = False  # used, released or evicted: it holds nothing
+    embeds: torch.Tensor | None = None  # [P, Dt]
+    captured: torch.Tensor | None = None  # [P, Dt], when capture
+
+
 @dataclass(eq=False)  # identity: requests hold tensors
 class Request:
     inputs: ProcessedInputs
@@ -52,6 +67,8 @@ class Request:
     captured: torch.Tensor | None = None  # [S, Dt] hidden after accept_hidden_layer layers
     seen: torch.Tensor | None = None  # [V] tokens in the context (repetition penalty only)
     events: deque = field(default_factory=deque)
+    prefix: Prefix | None = None  # a prefilled prompt beginning to continue from
+    prefix_used: bool = False  # the prefix matched: only the rest was prefilled
     stop_strings: tuple[str, ...] = ()  # the text ends before the first of these
     speech_stops: tuple[str, ...] = ()  # speech ends before these; the text goes on (tool calls)
     text: str = ""  # decoded so far; text[:sent] has gone out as TextDelta, the rest is held

@@ -116,6 +116,9 @@ class Session:
                                       limits.max_media_seconds)
         self.response: Response | None = None
         self.pending_response = False  # a VAD turn ended while a response was running
+        # The conversation so far, prefilled while the user speaks the next turn (the next
+        # response continues it; the engine checks that it still matches).
+        self.prefix: asyncio.Task | None = None
         self._send_lock = asyncio.Lock()
         self._closed = False
 
@@ -172,6 +175,9 @@ class Session:
                 self.response.task.cancel()
                 with contextlib.suppress(BaseException):
                     await self.response.task
+            prefix = await self._take_prefix()
+            if prefix is not None:
+                prefix.close()
 
     async def handle(self, msg: dict[str, Any]) -> None:
         event_id = None
@@ -227,6 +233,8 @@ class Session:
 
     async def on_audio_append(self, ev: dict[str, Any]) -> None:
         td = self.cfg.turn_detection
+        if td is None and self.prefix is None:  # manual turns: the first audio starts one
+            self._open_prefix()
         for speech in self.audio.append(decode_b64(ev.get("audio"), "audio")):
             assert td is not None  # only server VAD finds speech
             if isinstance(speech, SpeechStarted):
@@ -235,6 +243,8 @@ class Session:
                                 item_id=speech.item_id)
                 if td.interrupt_response and self.response is not None:
                     await self.cancel_response("turn_detected")
+                if self.response is None:
+                    self._open_prefix()
                 continue
             await self.emit("input_audio_buffer.speech_stopped",
                             audio_end_ms=speech.end * 1000 // MODEL_RATE, item_id=speech.item_id)
@@ -389,21 +399,53 @@ class Session:
             resp.error = _as_realtime_error(e)
         await self._finish(resp, base)
 
+    def _open_prefix(self) -> None:
+        """Start prefilling the conversation so far (replacing an unused older prefix)."""
+        old, messages = self.prefix, self.messages(self.cfg.instructions)
+
+        async def open_() -> Any:
+            if old is not None:
+                with contextlib.suppress(BaseException):
+                    (await old).close()
+            return await asyncio.to_thread(self.omni.open_prefix, messages)
+
+        self.prefix = asyncio.ensure_future(open_())
+
+    async def _take_prefix(self) -> Any:
+        task, self.prefix = self.prefix, None
+        if task is None:
+            return None
+        try:
+            return await task
+        except Exception:  # a prefix only saves time; the request goes without it
+            log.warning("could not prefill the conversation ahead", exc_info=True)
+            return None
+
     async def _open(self, resp: Response) -> Any:
-        """Omni.astream on the conversation, started; while the engine refuses the prompt as
-        too long, the oldest exchange is dropped and the prompt rebuilt."""
+        """Omni.astream on the conversation, started (continuing the prefix prefilled while the
+        user spoke); while the engine refuses the prompt as too long, the oldest exchange is
+        dropped and the prompt rebuilt."""
+        prefix = await self._take_prefix()
         while True:
-            events = self.omni.astream(resp.messages, **sampling_kwargs(resp.cfg))
+            kwargs = sampling_kwargs(resp.cfg)
+            if prefix is not None:
+                kwargs["prefix"] = prefix
+            events = self.omni.astream(resp.messages, **kwargs)
             try:
                 first = await anext(events)
             except ValueError as e:
                 await events.aclose()
+                if prefix is not None:  # free its row if no request took it over
+                    prefix.close()
+                    prefix = None
                 if "the prompt has" not in str(e) or not self.conversation.drop_oldest_exchange():
                     raise
                 resp.messages = self.messages(resp.cfg.instructions)
                 continue
             except BaseException:
                 await events.aclose()
+                if prefix is not None:
+                    prefix.close()
                 raise
             return _prepend(first, events)
 
