@@ -14,7 +14,7 @@ one batched decode); (5) retire finished requests and free their rows. Rows are 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -40,6 +40,8 @@ class Engine:
         self.free_rows = list(range(max_num_seqs))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Called between the phases of a step, when requests may have new events to deliver.
+        self.on_events: Callable[[], None] = lambda: None
         self.prefixes: list[Prefix] = []  # waiting for a row, or prefilled and holding one
         self.prefix_hits = 0  # requests that continued a prefix
         if model.audio_output:
@@ -105,7 +107,9 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         self._admit()
+        self.on_events()  # first tokens go out now, not after the talker's share of the step
         self._decode()
+        self.on_events()
         if self.model.audio_output:
             self._talk()
             self._vocode()

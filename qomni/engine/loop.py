@@ -16,6 +16,7 @@ Deliver = Callable[[object], None]  # receives events, or an Exception that ends
 class EngineLoop:
     def __init__(self, engine: Engine):
         self.engine = engine
+        engine.on_events = self._deliver_events
         self._cv = threading.Condition()
         self._inbox: list[tuple[Request, Deliver]] = []
         self._aborts: list[Request] = []
@@ -90,6 +91,12 @@ class EngineLoop:
                     req.events.clear()
                     req.events.append(e)
             self._deliver()
+
+    def _deliver_events(self) -> None:
+        """Mid-step delivery: events only; finished requests are retired by `_deliver`."""
+        for req, deliver in list(self._callbacks.values()):
+            while req.events:
+                deliver(req.events.popleft())
 
     def _deliver(self) -> None:
         for rid, (req, deliver) in list(self._callbacks.items()):
