@@ -4,5 +4,12 @@ from qomni.events import AudioChunk, Finished, GenerateOutput, TextDelta, Usage
 from qomni.omni import Omni
 from qomni.sampling import SamplingParams
 
-__all__ = ["Omni", "SamplingParams", "TextDelta", "AudioChunk", "Finished", "GenerateOutput",
-           "Usage"]
+__all__ = [
+           "AudioChunk",
+           "Finished",
+           "GenerateOutput",
+           "Omni",
+           "SamplingParams",
+           "TextDelta",
+           "Usage",
+]

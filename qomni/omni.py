@@ -241,9 +241,9 @@ class Omni:
         names = ("max_new_tokens", "sampling", "talker_sampling", "speaker", "return_audio",
                  "max_audio_frames", "use_audio_in_video", "seed", "stop", "speech_stop",
                  "prefix")
-        defaults = dict(max_new_tokens=1024, sampling=None, talker_sampling=None, speaker=None,
-                        return_audio=None, max_audio_frames=None, use_audio_in_video=False,
-                        seed=None, stop=(), speech_stop=(), prefix=None)
+        defaults = {"max_new_tokens": 1024, "sampling": None, "talker_sampling": None, "speaker": None,
+                        "return_audio": None, "max_audio_frames": None, "use_audio_in_video": False,
+                        "seed": None, "stop": (), "speech_stop": (), "prefix": None}
         args = {k: kwargs.pop(k, defaults[k]) for k in names}
         return self._request(messages, template_kwargs=kwargs, **args)
 

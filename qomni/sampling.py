@@ -77,7 +77,7 @@ class Sampler:
     def __init__(self, params: Sequence[SamplingParams], device: torch.device | str = "cpu"):
         self.params = list(params)
         self.device = torch.device(device)
-        f = dict(dtype=torch.float32, device=self.device)
+        f = {"dtype": torch.float32, "device": self.device}
         self.temperature = torch.tensor([p.temperature for p in params], **f)
         self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=self.device)
         self.top_p = torch.tensor([p.top_p for p in params], **f)

@@ -53,8 +53,8 @@ def save_hf_checkpoint(name: str, dest: Path, seed: int = 0):
     # memory: sometimes NaN), so draw them here; then perturb everything, as its init leaves
     # norms at 1 and many weights tiny, so the comparison exercises every weight.
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        for pname, p in model.named_parameters():
+            if pname.endswith(("experts.gate_up_proj", "experts.down_proj")):
                 p.normal_(0.0, 0.02)
             p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(dest, max_shard_size="20MB")

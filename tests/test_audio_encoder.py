@@ -18,7 +18,7 @@ ATOL = 1e-4
 VARIANTS = {
     "a": ("a", {}),
     "b": ("b", {}),
-    "b-small-batches": ("b", dict(encoder_attention_heads=4, n_window_infer=400, conv_chunksize=3)),
+    "b-small-batches": ("b", {"encoder_attention_heads": 4, "n_window_infer": 400, "conv_chunksize": 3}),
 }
 
 

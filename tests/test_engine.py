@@ -40,7 +40,7 @@ def collect(events):
 
 
 def test_stream_equals_generate_with_speech(omni):
-    kw = dict(max_new_tokens=12, max_audio_frames=16, talker_sampling=GREEDY_TALKER)
+    kw = {"max_new_tokens": 12, "max_audio_frames": 16, "talker_sampling": GREEDY_TALKER}
     out = omni.generate(STORY, **kw)
     events = list(omni.stream(STORY, **kw))
     text, ids, audio, first_audio_at, fin = collect(events)
@@ -65,13 +65,13 @@ def test_stream_matches_full_decode_of_its_codes(omni):
 
 def test_mixed_batch_equals_single_runs_and_frees_everything(omni):
     specs = [
-        (HELLO, dict(max_new_tokens=6, return_audio=False)),
-        (STORY, dict(max_new_tokens=10, speaker="Chelsie", max_audio_frames=12,
-                     talker_sampling=GREEDY_TALKER)),
-        (LONG, dict(max_new_tokens=16, speaker="Aiden", max_audio_frames=7,
-                    talker_sampling=GREEDY_TALKER)),
-        (STORY, dict(max_new_tokens=9, sampling=SamplingParams(temperature=0.8, top_p=0.9),
-                     seed=5, max_audio_frames=9)),
+        (HELLO, {"max_new_tokens": 6, "return_audio": False}),
+        (STORY, {"max_new_tokens": 10, "speaker": "Chelsie", "max_audio_frames": 12,
+                     "talker_sampling": GREEDY_TALKER}),
+        (LONG, {"max_new_tokens": 16, "speaker": "Aiden", "max_audio_frames": 7,
+                    "talker_sampling": GREEDY_TALKER}),
+        (STORY, {"max_new_tokens": 9, "sampling": SamplingParams(temperature=0.8, top_p=0.9),
+                     "seed": 5, "max_audio_frames": 9}),
     ]
     alone = [omni.generate(c, **kw) for c, kw in specs]
     # all at once, plus one more that is aborted midway
@@ -129,7 +129,7 @@ def test_astream(omni):
     events = asyncio.run(run())
     ref = omni.generate(STORY, max_new_tokens=6, max_audio_frames=6,
                         talker_sampling=GREEDY_TALKER)
-    text, ids, audio, _, fin = collect(events)
+    _, ids, audio, _, _ = collect(events)
     assert ids == ref.token_ids and np.array_equal(audio, ref.audio)
 
 
@@ -148,7 +148,7 @@ def _stop_in_the_middle(omni, full, first_token=3):
 
 
 def test_stop_string_ends_the_text_and_the_speech_there(omni):
-    kw = dict(max_audio_frames=40, talker_sampling=GREEDY_TALKER)
+    kw = {"max_audio_frames": 40, "talker_sampling": GREEDY_TALKER}
     full = omni.generate(STORY, max_new_tokens=12, **kw)
     assert full.finish_reason == "length"
     stop, at, m = _stop_in_the_middle(omni, full)
@@ -159,12 +159,12 @@ def test_stop_string_ends_the_text_and_the_speech_there(omni):
     # whose last token (never spoken) comes right after them.
     same = omni.generate(STORY, max_new_tokens=m + 1, **kw)
     assert torch.equal(out.codes, same.codes) and np.array_equal(out.audio, same.audio)
-    text, ids, audio, _, fin = collect(omni.stream(STORY, max_new_tokens=12, stop=stop, **kw))
+    text, _, audio, _, fin = collect(omni.stream(STORY, max_new_tokens=12, stop=stop, **kw))
     assert text == out.text and fin.reason == "stop" and np.array_equal(audio, out.audio)
 
 
 def test_speech_stop_ends_the_speech_but_not_the_text(omni):
-    kw = dict(max_audio_frames=40, talker_sampling=GREEDY_TALKER)
+    kw = {"max_audio_frames": 40, "talker_sampling": GREEDY_TALKER}
     full = omni.generate(STORY, max_new_tokens=12, **kw)
     marker, _, m = _stop_in_the_middle(omni, full, first_token=4)
     assert m >= 4
@@ -201,7 +201,7 @@ def _rows_all_free(engine):
 def test_prefix_is_continued_and_changes_nothing(omni):
     """The conversation so far is prefilled ahead (as while the user speaks); the next turn's
     request continues that row and answers exactly as without it."""
-    kw = dict(max_new_tokens=8, max_audio_frames=10, talker_sampling=GREEDY_TALKER)
+    kw = {"max_new_tokens": 8, "max_audio_frames": 10, "talker_sampling": GREEDY_TALKER}
     turn = _next_turn()
     want = omni.generate(turn, **kw)
     engine = omni._loop().engine
@@ -221,7 +221,7 @@ def test_prefix_is_continued_and_changes_nothing(omni):
 
 
 def test_a_prefix_that_does_not_match_is_ignored(omni):
-    kw = dict(max_new_tokens=6, return_audio=False)
+    kw = {"max_new_tokens": 6, "return_audio": False}
     turn = _next_turn()
     want = omni.generate(turn, **kw)
     engine = omni._loop().engine

@@ -581,7 +581,7 @@ def test_tool_call_wire_format(live):
 class _Thinking:
     """The served Omni writing like a Thinking checkpoint, its tags split across deltas."""
 
-    PIECES = ["<thi", "nk>\nThe user", " greets me.\n</th", "ink>\n", "\nHello", " there!"]
+    PIECES = ("<thi", "nk>\nThe user", " greets me.\n</th", "ink>\n", "\nHello", " there!")
 
     def __init__(self, omni):
         self._omni = omni

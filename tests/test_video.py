@@ -292,7 +292,7 @@ def real_video(tmp_path_factory):
     except ImportError:
         inputs = ["-f", "lavfi", "-i", "testsrc=size=320x240:rate=1", "-f", "lavfi", "-i",
                   "testsrc2=size=320x240:rate=1"]
-    speech = [p for p in LIBRIVOX if p.endswith("0880.wav")][0]
+    speech = next(p for p in LIBRIVOX if p.endswith("0880.wav"))
     zoom = "scale=320:240,setsar=1,zoompan=z='min(zoom+0.002,1.2)':d=40:s=320x240:fps=25"
     graph = f"[0:v]{zoom}[v0];[1:v]{zoom}[v1];[v0][v1]concat=n=2:v=1:a=0,format=yuv420p[v]"
     out = tmp_path_factory.mktemp("real") / "real_av.mp4"

@@ -165,7 +165,7 @@ class Engine:
             self.running.append(req)
             try:
                 self._prefill(req)
-            except Exception as e:  # a bad request fails alone
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
                 self._release(req, "error")
                 req.events.append(e)
 

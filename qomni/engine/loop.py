@@ -76,7 +76,7 @@ class EngineLoop:
             for req, deliver in inbox:
                 try:
                     self.engine.add(req)
-                except Exception as e:  # e.g. a prompt longer than the cache: this request only
+                except Exception as e:  # noqa: BLE001 - e.g. a prompt too long: this request only
                     deliver(e)
                     continue
                 self._callbacks[req.id] = (req, deliver)
@@ -85,7 +85,7 @@ class EngineLoop:
                     if req.id in self._callbacks:
                         self.engine.abort(req)
                 self.engine.step()
-            except Exception as e:  # an engine failure ends the requests in flight, not the loop
+            except Exception as e:  # noqa: BLE001 - ends the requests in flight, not the loop
                 for req in list(self.engine.running) + list(self.engine.waiting):
                     self.engine.abort(req)
                     req.events.clear()
