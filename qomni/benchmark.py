@@ -105,7 +105,7 @@ BUILD_VERSION = 1  # bump when the checkpoint written here changes
 # other work on a shared machine only ever makes a run slower.
 REPEATS = 2
 # The engine's default vocoder chunks (frames): a small first chunk for latency, then larger.
-FIRST_CHUNK, CHUNK = 2, 25
+FIRST_CHUNK, CHUNK = 1, 25
 # = the reference's generate(talker_do_sample=False): greedy with its repetition penalty.
 GREEDY_TALKER = SamplingParams(temperature=0.0, repetition_penalty=1.05)
 SPEAKER = "Ethan"

@@ -30,7 +30,7 @@ from qomni.sampling import Sampler
 class Engine:
     def __init__(self, model: OmniModel, stop_ids: Sequence[int], *, max_num_seqs: int = 8,
                  max_model_len: int = 4096, max_talker_len: int = 4096 + 512,
-                 first_chunk_frames: int = 2, chunk_frames: int = 25):
+                 first_chunk_frames: int = 1, chunk_frames: int = 25):
         self.model, self.cfg = model, model.cfg
         self.device = model.thinker.lm_head.weight.device
         self.stop = torch.tensor(sorted(stop_ids), device=self.device)
