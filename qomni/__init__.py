@@ -4,12 +4,5 @@ from qomni.events import AudioChunk, Finished, GenerateOutput, TextDelta, Usage
 from qomni.omni import Omni
 from qomni.sampling import SamplingParams
 
-__all__ = [
-           "AudioChunk",
-           "Finished",
-           "GenerateOutput",
-           "Omni",
-           "SamplingParams",
-           "TextDelta",
-           "Usage",
-]
+__all__ = ["AudioChunk", "Finished", "GenerateOutput", "Omni", "SamplingParams", "TextDelta",
+           "Usage"]

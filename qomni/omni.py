@@ -214,11 +214,12 @@ class Omni:
     def open_prefix(self, messages: Conversation, *, use_audio_in_video: bool = False,
                     **template_kwargs: Any) -> PromptPrefix:
         """Prefill the beginning of a prompt now, before the request exists: `messages` is the
-        conversation so far, e.g. while the user is still speaking the next turn. Pass the result as `prefix=` to the request whose prompt
-        continues it: when its first tokens and input embeddings equal the prefix's, only the
-        rest is prefilled; otherwise it is prefilled whole, so the result never changes. A prefix
-        holds a cache row until a request takes it over, `close()`, or a request that needs the
-        row (a prefix never makes requests wait)."""
+        conversation so far, e.g. while the user is still speaking the next turn. Pass the
+        result as `prefix=` to the request whose prompt continues it: when its first tokens and
+        input embeddings equal the prefix's, only the rest is prefilled; otherwise it is
+        prefilled whole, so the result never changes. A prefix holds a cache row until a
+        request takes it over, `close()`, or a request that needs the row (a prefix never makes
+        requests wait)."""
         if _is_batch(messages):
             raise ValueError("open_prefix() takes one conversation")
         # Rendered with a next user turn after it, then cut where that turn starts: the
@@ -241,9 +242,10 @@ class Omni:
         names = ("max_new_tokens", "sampling", "talker_sampling", "speaker", "return_audio",
                  "max_audio_frames", "use_audio_in_video", "seed", "stop", "speech_stop",
                  "prefix")
-        defaults = {"max_new_tokens": 1024, "sampling": None, "talker_sampling": None, "speaker": None,
-                        "return_audio": None, "max_audio_frames": None, "use_audio_in_video": False,
-                        "seed": None, "stop": (), "speech_stop": (), "prefix": None}
+        defaults = {"max_new_tokens": 1024, "sampling": None, "talker_sampling": None,
+                    "speaker": None, "return_audio": None, "max_audio_frames": None,
+                    "use_audio_in_video": False, "seed": None, "stop": (), "speech_stop": (),
+                    "prefix": None}
         args = {k: kwargs.pop(k, defaults[k]) for k in names}
         return self._request(messages, template_kwargs=kwargs, **args)
 

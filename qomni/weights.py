@@ -55,7 +55,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     if not single.exists():
         raise WeightsError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
     with safe_open(single, "pt") as f:
-        return {k: single for k in f}
+        return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
 @contextmanager

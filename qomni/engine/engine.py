@@ -8,7 +8,8 @@ Per step: (1) admit waiting requests into free cache rows and prefill them (thei
 speaking requests that have their first token, then one talker step, batched, for every request
 whose next text is known — code predictor for all their frames at once; (4) vocode pending
 frames in chunks (a small first chunk for latency, growing ones after; requests in step share
-one batched decode); (5) retire finished requests and free their rows. Rows are reused: the caches are allocated once.
+one batched decode); (5) retire finished requests and free their rows. Rows are reused: the
+caches are allocated once.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ One request, in order: the body-size guard reads at most `max_request_bytes`; th
 checked; the JSON is validated (protocol.py); every media item is checked and read here (remote
 URLs only when allowed, local paths only under the allowed folder, size capped); then the
 request streams from `Omni.astream` (the engine batches concurrent requests) and its events are
-turned into one response or an SSE stream. Every failure is an OpenAI error JSON; nothing a client sends can stop the
-server from answering the next request.
+turned into one response or an SSE stream. Every failure is an OpenAI error JSON; nothing a
+client sends can stop the server from answering the next request.
 
 Defaults that differ from OpenAI's, on purpose:
 - no `temperature` means the model's reference default, a greedy thinker (OpenAI samples at 1);
