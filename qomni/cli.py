@@ -82,7 +82,8 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model or "qomni-tiny-demo"
     limits = Limits(max_request_bytes=args.max_request_mb * 1024 * 1024,
                     max_media_items=args.max_media_items,
-                    max_media_seconds=args.max_media_seconds)
+                    max_media_seconds=args.max_media_seconds,
+                    max_realtime_sessions=args.max_realtime_sessions)
     app = create_app(omni, model_name=name,
                      api_key=args.api_key or os.environ.get("QOMNI_API_KEY") or None,
                      allowed_local_media_path=args.allowed_local_media_path,
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-media-items", type=int, default=16, help="media parts per request")
     s.add_argument("--max-media-seconds", type=float, default=600.0,
                    help="longest audio or video input")
+    s.add_argument("--max-realtime-sessions", type=int, default=32,
+                   help="open realtime sockets at once; more are refused (503)")
     s.add_argument("--reasoning", choices=("auto", "on", "off"), default="auto",
                    help="answer with reasoning_content apart from content (auto: on for a "
                         "Thinking checkpoint)")

@@ -528,8 +528,12 @@ class _Scripted:
     speech where the call starts (`speech_stop`)."""
 
     def __init__(self, omni):
+        import copy
+
         self._omni = omni
         self.calls = []
+        self.processor = copy.copy(omni.processor)  # this app's media rules are its own
+        self.processor.media_options = {}
 
     def __getattr__(self, name):
         return getattr(self._omni, name)

@@ -525,3 +525,49 @@ def test_openai_client_realtime_text(live):
                          return_audio=False)
     assert text == want.text
     assert done.response.usage.input_tokens == want.usage.prompt_tokens
+
+
+class _OwnMediaRules:
+    """The served Omni behind a second app: its own processor, so that app's media rules do not
+    change the live server's."""
+
+    def __init__(self, omni):
+        import copy
+
+        self._omni = omni
+        self.processor = copy.copy(omni.processor)
+        self.processor.media_options = {}
+
+    def __getattr__(self, name):
+        return getattr(self._omni, name)
+
+
+def test_realtime_sessions_are_capped(live):
+    from websockets.exceptions import InvalidStatus
+
+    app = create_app(_OwnMediaRules(live.served), model_name=MODEL,
+                     limits=Limits(max_realtime_sessions=2))
+    url, stop = _start(app)
+    base = f"{url}/v1/realtime?model={MODEL}"
+    try:
+        first, second = connect(base, open_timeout=30), connect(base, open_timeout=30)
+        for ws in (first, second):
+            assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
+        with pytest.raises(InvalidStatus) as e:
+            connect(base, open_timeout=30)
+        assert e.value.response.status_code == 503
+        assert json.loads(e.value.response.body)["error"]["code"] == "server_busy"
+        first.close()
+        deadline = time.monotonic() + 10
+        while True:  # the slot comes back once the server has seen the close
+            try:
+                with connect(base, open_timeout=30) as ws:
+                    assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
+                break
+            except InvalidStatus:
+                assert time.monotonic() < deadline, "a closed session still counts"
+                time.sleep(0.1)
+        second.close()
+    finally:
+        stop()
+

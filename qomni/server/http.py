@@ -90,6 +90,7 @@ class Limits:
     max_tokens: int = 8192  # the largest max_tokens a request may ask for
     default_max_tokens: int = 1024  # when the request gives none (Omni.generate's default)
     max_pending: int = 64  # requests queued or running; more get 503
+    max_realtime_sessions: int = 32  # open realtime sockets; more are refused with 503
 
 
 def configure_media(omni: Any, *, allow_remote: bool, local_root: str | os.PathLike | None,

@@ -563,6 +563,7 @@ def realtime_router(omni: Any, *, model_name: str, api_key: str | None, limits: 
                     ) -> APIRouter:
     """`WS /v1/realtime` for `create_app`."""
     router = APIRouter()
+    open_sessions = 0
 
     @router.websocket("/v1/realtime")
     async def realtime(ws: WebSocket) -> None:
@@ -583,13 +584,22 @@ def realtime_router(omni: Any, *, model_name: str, api_key: str | None, limits: 
         if dialect is not None and dialect not in DIALECTS:
             return await _deny(ws, APIError(400, f"dialect must be one of {', '.join(DIALECTS)}",
                                             param="dialect"))
-        await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
-        t0 = time.perf_counter()
-        session = Session(ws, omni, model_name, limits, dialect)
+        nonlocal open_sessions
+        if open_sessions >= limits.max_realtime_sessions:
+            return await _deny(ws, APIError(
+                503, f"{open_sessions} realtime sessions are open, this server's limit; retry "
+                "later", code="server_busy"))
+        open_sessions += 1
         try:
-            await session.run()
+            await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
+            t0 = time.perf_counter()
+            session = Session(ws, omni, model_name, limits, dialect)
+            try:
+                await session.run()
+            finally:
+                log.info("realtime session %s closed after %.1f s", session.id,
+                         time.perf_counter() - t0)
         finally:
-            log.info("realtime session %s closed after %.1f s", session.id,
-                     time.perf_counter() - t0)
+            open_sessions -= 1
 
     return router
