@@ -194,6 +194,15 @@ def _next_turn():
         {"type": "audio", "audio": tone}, {"type": "text", "text": "And this?"}]}]
 
 
+def _ready(prefix):
+    """Wait until the engine thread has prefilled `prefix`."""
+    deadline = time.monotonic() + 30
+    while not prefix.ready:
+        assert time.monotonic() < deadline, "the prefix was never prefilled"
+        time.sleep(0.01)
+    return prefix
+
+
 def _rows_all_free(engine):
     return len(engine.free_rows) == engine.cache.k.shape[1] and not engine.prefixes
 
@@ -206,12 +215,8 @@ def test_prefix_is_continued_and_changes_nothing(omni):
     want = omni.generate(turn, **kw)
     engine = omni._loop().engine
     hits = engine.prefix_hits
-    prefix = omni.open_prefix(HISTORY)
+    prefix = _ready(omni.open_prefix(HISTORY))
     assert 0 < len(prefix) < len(omni.process(turn))
-    deadline = time.monotonic() + 30
-    while not prefix.ready:  # prefilled by the engine thread
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
     got = omni.generate(turn, prefix=prefix, **kw)
     assert engine.prefix_hits == hits + 1
     assert got.token_ids == want.token_ids and torch.equal(got.codes, want.codes)
@@ -226,11 +231,7 @@ def test_a_prefix_that_does_not_match_is_ignored(omni):
     want = omni.generate(turn, **kw)
     engine = omni._loop().engine
     hits = engine.prefix_hits
-    other = omni.open_prefix([{"role": "system", "content": "Something else entirely."}])
-    deadline = time.monotonic() + 30
-    while not other.ready:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    other = _ready(omni.open_prefix([{"role": "system", "content": "Something else entirely."}]))
     got = omni.generate(turn, prefix=other, **kw)
     assert engine.prefix_hits == hits and got.token_ids == want.token_ids
     assert _rows_all_free(engine)

@@ -25,7 +25,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-from live_server import serve_in_thread
+from live_server import own_media_rules, serve_in_thread
 
 from qomni import Omni
 from qomni.server import Limits, create_app
@@ -528,12 +528,9 @@ class _Scripted:
     speech where the call starts (`speech_stop`)."""
 
     def __init__(self, omni):
-        import copy
-
         self._omni = omni
         self.calls = []
-        self.processor = copy.copy(omni.processor)  # this app's media rules are its own
-        self.processor.media_options = {}
+        self.processor = own_media_rules(omni)
 
     def __getattr__(self, name):
         return getattr(self._omni, name)
@@ -602,12 +599,9 @@ class _Thinking:
 
 
 def test_thinking_reasoning_comes_apart_from_the_answer(live):
-    import copy
-
     served = _Thinking(live.served)
     served.path = "/models/Qwen3-Omni-30B-A3B-Thinking"  # auto: on for a Thinking checkpoint
-    served.processor = copy.copy(live.served.processor)  # its own media rules
-    served.processor.media_options = {}
+    served.processor = own_media_rules(live.served)
     url, stop = _start(create_app(served, model_name=MODEL))
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)

@@ -17,7 +17,7 @@ websockets = pytest.importorskip("websockets")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-from live_server import serve_in_thread
+from live_server import own_media_rules, serve_in_thread
 from websockets.sync.client import connect
 
 from qomni import Omni
@@ -532,11 +532,8 @@ class _OwnMediaRules:
     change the live server's."""
 
     def __init__(self, omni):
-        import copy
-
         self._omni = omni
-        self.processor = copy.copy(omni.processor)
-        self.processor.media_options = {}
+        self.processor = own_media_rules(omni)
 
     def __getattr__(self, name):
         return getattr(self._omni, name)
