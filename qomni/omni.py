@@ -23,9 +23,10 @@ from qomni.engine.loop import EngineLoop
 from qomni.engine.request import Prefix, Request, new_speech
 from qomni.engine.speech import code_predictor_sampling, talker_sampling_defaults
 from qomni.events import AudioChunk, Finished, GenerateOutput, TextDelta
+from qomni.models.audio_encoder import audio_token_count
 from qomni.models.omni import OmniModel
 from qomni.multimodal.chat import StreamDecoder
-from qomni.multimodal.processor import ProcessedInputs, Processor
+from qomni.multimodal.processor import ProcessedInputs, Processor, media_parts
 from qomni.sampling import GREEDY, Sampler, SamplingParams
 from qomni.weights import load_weights, meta_parameters
 
@@ -211,30 +212,81 @@ class Omni:
             if not req.finished:
                 loop.abort(req)
 
-    def open_prefix(self, messages: Conversation, *, use_audio_in_video: bool = False,
+    def open_prefix(self, messages: Conversation, *, partial: bool = False,
+                    replaces: PromptPrefix | None = None, use_audio_in_video: bool = False,
                     **template_kwargs: Any) -> PromptPrefix:
-        """Prefill the beginning of a prompt now, before the request exists: `messages` is the
-        conversation so far, e.g. while the user is still speaking the next turn. Pass the
-        result as `prefix=` to the request whose prompt continues it: when its first tokens and
-        input embeddings equal the prefix's, only the rest is prefilled; otherwise it is
-        prefilled whole, so the result never changes. A prefix holds a cache row until a
-        request takes it over, `close()`, or a request that needs the row (a prefix never makes
-        requests wait)."""
+        """Prefill the beginning of a prompt now, before the request exists. Pass the result as
+        `prefix=` to the request whose prompt continues it: when its first tokens and input
+        embeddings equal the prefix's, only the rest is prefilled; otherwise it is prefilled
+        whole, so the result never changes. A prefix holds a cache row until a request takes it
+        over, `close()`, or a request that needs the row (a prefix never makes requests wait).
+
+        `messages`: the conversation so far (e.g. while the user speaks the next turn); with
+        `partial`, its last message is a user turn still arriving, whose last part is the audio
+        received so far: the prefix then ends with that audio's finished encoder windows.
+        `replaces`: an earlier prefix of the same prompt (the turn with less audio): when this
+        one starts with it, this one continues its row and prefills only the new tokens; the
+        earlier one is closed either way."""
         if _is_batch(messages):
             raise ValueError("open_prefix() takes one conversation")
-        # Rendered with a next user turn after it, then cut where that turn starts: the
-        # template renders a message differently once a user turn follows it (an assistant
-        # reply after the last user query keeps its think block).
-        probe = self.process([*messages, {"role": "user", "content": "."}], use_audio_in_video,
-                             add_generation_prompt=False, **template_kwargs)
-        starts = torch.nonzero(probe.input_ids == self.config.tokens.im_start).flatten()
-        n = int(starts[-1])
-        inputs = dataclasses.replace(probe, input_ids=probe.input_ids[:n],
-                                     positions=probe.positions[:, :n], prompt="")
-        prefix = Prefix(inputs, capture=self.model.audio_output)
+        if replaces is not None and not isinstance(replaces, PromptPrefix):
+            raise ValueError("replaces must come from Omni.open_prefix, "
+                             f"got {type(replaces).__name__}")
+        if partial:
+            inputs = self._partial_turn(messages, use_audio_in_video, template_kwargs)
+        else:
+            # Rendered with a next user turn after it, then cut where that turn starts: the
+            # template renders a message differently once a user turn follows it (an
+            # assistant reply after the last user query keeps its think block).
+            probe = self.process([*messages, {"role": "user", "content": "."}],
+                                 use_audio_in_video, add_generation_prompt=False,
+                                 **template_kwargs)
+            starts = torch.nonzero(probe.input_ids == self.config.tokens.im_start).flatten()
+            n = int(starts[-1])
+            inputs = dataclasses.replace(probe, input_ids=probe.input_ids[:n],
+                                         positions=probe.positions[:, :n], prompt="")
+        prefix = Prefix(inputs, capture=self.model.audio_output,
+                        base=replaces.prefix if replaces is not None else None)
         loop = self._loop()
         loop.open_prefix(prefix)
         return PromptPrefix(prefix, loop)
+
+    def _partial_turn(self, messages: Conversation, use_audio_in_video: bool,
+                      template_kwargs: dict[str, Any]) -> ProcessedInputs:
+        """The prompt up to the finished windows of the audio still arriving (the last part of
+        the last message). A window is finished once the audio reaches past its last STFT
+        frame: its log-mel frames, hence its embeddings, are then what the whole turn will give
+        (unless a louder moment later raises the -8 floor of the log-mel: the prefix then
+        differs and the request prefills everything, see `log_mel_features`)."""
+        parts = media_parts(messages)
+        last = messages[-1].get("content") if messages else None
+        if (not parts or parts[-1][0] != "audio" or not isinstance(last, Sequence)
+                or isinstance(last, str) or not last or last[-1] is not parts[-1][1]):
+            raise ValueError("open_prefix(partial=True): the last message must end with the "
+                             "audio part still arriving")
+        full = self.process(messages, use_audio_in_video, add_generation_prompt=False,
+                            **template_kwargs)
+        media = full.media
+        lengths = media.audio_lengths
+        frames = int(lengths[-1])
+        pre = self.processor.pre
+        window = self.processor.audio_window_frames
+        margin = -(-(pre.n_fft // 2) // pre.hop_length)  # frames the STFT window reaches ahead
+        windows = max(frames - margin, 0) // window
+        keep = windows * window
+        tokens = audio_token_count(keep, self.config.thinker.audio.n_window)
+        start = int(torch.nonzero(full.input_ids == self.config.tokens.audio_start)[-1]) + 1
+        cut = start + tokens
+        kept = media.audio_features.shape[-1] - frames + keep  # frames of all audios kept
+        if keep:
+            lengths = torch.cat([lengths[:-1], lengths.new_tensor([keep])])
+        else:
+            lengths = lengths[:-1]
+        media = dataclasses.replace(
+            media, audio_features=media.audio_features[:, :kept] if len(lengths) else None,
+            audio_lengths=lengths if len(lengths) else None)
+        return dataclasses.replace(full, input_ids=full.input_ids[:cut],
+                                   positions=full.positions[:, :cut], prompt="", media=media)
 
     # -- helpers --------------------------------------------------------------------------------
 

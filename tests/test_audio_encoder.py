@@ -143,3 +143,37 @@ def test_rejects_frame_count_mismatch():
     _, ours = _build("a")
     with pytest.raises(ValueError):
         ours(torch.zeros(128, 90), torch.tensor([100]))
+
+
+def test_a_window_is_final_once_its_frames_exist(pair):
+    """Windows are encoded alone with the same shapes: the finished windows of a clip still
+    arriving are bit for bit those of the whole clip, alone or beside other clips (what lets
+    speech be encoded while it is spoken)."""
+    _, ours = pair
+    size = ours.cfg.n_window_infer // 100 * 100
+    whole = _features([3 * size + 57], seed=3)
+    other = _features([170], seed=4)
+    with torch.inference_mode():
+        alone = ours(whole, torch.tensor([whole.shape[1]]))
+        beside = ours(torch.cat([other, whole], 1), torch.tensor([170, whole.shape[1]]))
+        per_window = int(audio_token_count(torch.tensor(size), 50))
+        for k in (1, 2):
+            part = ours(whole[:, : k * size], torch.tensor([k * size]))
+            assert torch.equal(part, alone[: k * per_window])
+    assert torch.equal(beside[-alone.shape[0]:], alone)
+
+
+def test_window_cache_gives_the_same_tensors(pair):
+    _, ours = pair
+    x, lens = _features([950, 120], seed=5), torch.tensor([950, 120])
+    with torch.inference_mode():
+        fresh = ours(x, lens)
+        ours.cache_windows(8)
+        try:
+            first = ours(x, lens)
+            again = ours(x, lens)
+            cache = ours.window_cache
+            assert cache.hits == cache.misses == len(cache) > 1
+        finally:
+            ours.cache_windows(0)
+    assert torch.equal(first, fresh) and torch.equal(again, fresh)

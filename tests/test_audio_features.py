@@ -239,3 +239,20 @@ def test_array_sources():
     np.testing.assert_allclose(load_audio(pcm), pcm / 32768.0, atol=1e-7)
     up = load_audio((mono[::2].copy(), 8000))
     assert up.dtype == np.float32 and len(up) == 16_000
+
+
+@needs_speech
+def test_blocks_are_final_once_their_samples_exist(speech):
+    """With block_frames, a block's frames for the first seconds of a clip are bit for bit those
+    of the whole clip (the floor aside: the peak here is in the first block)."""
+    loud = speech.copy()
+    loud[:800] = np.sign(loud[:800]) * 0.99  # the log-mel peak sits in block 0
+    block = 200
+    whole, _ = log_mel_features([loud], block_frames=block)
+    for seconds in (2.3, 4.1):
+        part, _ = log_mel_features([loud[: int(seconds * 16000)]], block_frames=block)
+        done = (part.shape[-1] - 2) // block * block  # blocks whose STFT windows all arrived
+        assert done >= block
+        assert torch.equal(part[..., :done], whole[..., :done])
+    unblocked, _ = log_mel_features([loud])
+    assert (unblocked - whole).abs().max() <= 1e-5

@@ -250,3 +250,91 @@ def test_prefixes_never_make_requests_wait(omni):
         time.sleep(0.05)
     with pytest.raises(ValueError, match="open_prefix"):
         omni.generate(HELLO, max_new_tokens=2, prefix="not a prefix")
+
+
+# ------------------------------------------------------------------ a turn still being spoken
+
+WINDOW_S = 2.0  # tiny config "a": n_window_infer = 200 mel frames
+
+
+def _spoken(seconds: float, burst_at: float | None = None) -> np.ndarray:
+    """Noise standing in for speech: a loud start (the log-mel peak), a stretch of digital
+    silence (floored at peak - 8), optionally a louder burst later that raises that floor."""
+    rng = np.random.default_rng(7)
+    n = int(seconds * 16000)
+    x = 0.05 * rng.standard_normal(n).astype(np.float32)
+    x[:1600] *= 8
+    x[4000:6000] = 0
+    if burst_at is not None:
+        a = int(burst_at * 16000)
+        x[a:a + 4000] = 0.95 * np.sign(rng.standard_normal(min(4000, n - a)))
+    return x
+
+
+def _turn(audio: np.ndarray) -> list:
+    return [*HISTORY, {"role": "user", "content": [{"type": "audio", "audio": audio}]}]
+
+
+def test_a_turn_is_prefilled_window_by_window_while_it_arrives(omni):
+    """Prefixes opened as the audio arrives (nothing yet, one finished window, two) each
+    continue the last one's row; the request on the whole turn continues the last and answers
+    exactly as without any."""
+    kw = {"max_new_tokens": 8, "max_audio_frames": 10, "talker_sampling": GREEDY_TALKER}
+    audio = _spoken(5.3)
+    want = omni.generate(_turn(audio), **kw)
+    engine = omni._loop().engine
+    hits = engine.prefix_hits
+    p0 = _ready(omni.open_prefix(HISTORY))
+    # 2.1 s: one window finished (its STFT frames reach 25 ms past a frame's start).
+    p1 = _ready(omni.open_prefix(_turn(audio[:33600]), partial=True, replaces=p0))
+    p2 = _ready(omni.open_prefix(_turn(audio[:int(4.3 * 16000)]), partial=True, replaces=p1))
+    per_window = 26  # 2 chunks of 100 frames, 13 tokens each
+    header = 4  # <|im_start|> user \n <|audio_start|>
+    assert len(p1) == len(p0) + header + per_window and len(p2) == len(p1) + per_window
+    assert p1.prefix.continued == len(p0) and p2.prefix.continued == len(p1)
+    assert not p0.ready and not p1.ready  # each was taken over by the next
+    got = omni.generate(_turn(audio), prefix=p2, **kw)
+    assert engine.prefix_hits == hits + 1
+    assert got.token_ids == want.token_ids and torch.equal(got.codes, want.codes)
+    assert np.abs(got.audio - want.audio).max() <= 1e-5
+    assert _rows_all_free(engine)
+
+
+def test_a_louder_moment_later_in_the_turn_is_caught(omni):
+    """The log-mel floor is the clip's peak - 8: a burst after the first window changes that
+    window's silent frames, so the prefix that holds it no longer matches: the next prefix and
+    the request are checked and start over rather than continue it."""
+    kw = {"max_new_tokens": 6, "return_audio": False}
+    audio = _spoken(5.0, burst_at=3.0)
+    want = omni.generate(_turn(audio), **kw)
+    engine = omni._loop().engine
+    p1 = _ready(omni.open_prefix(_turn(audio[:33600]), partial=True))
+    p2 = _ready(omni.open_prefix(_turn(audio[:int(4.3 * 16000)]), partial=True, replaces=p1))
+    assert p2.prefix.continued == 0 and not p1.ready  # p1 is freed, not continued
+    hits = engine.prefix_hits
+    got = omni.generate(_turn(audio), prefix=p2, **kw)
+    assert engine.prefix_hits == hits + 1  # p2 saw the burst: it holds
+    assert got.token_ids == want.token_ids
+    assert _rows_all_free(engine)
+
+
+def test_partial_prefix_needs_the_audio_last(omni):
+    with pytest.raises(ValueError, match="partial"):
+        omni.open_prefix(HISTORY, partial=True)
+    turn = [*HISTORY, {"role": "user", "content": [{"type": "audio", "audio": _spoken(2.5)},
+                                                   {"type": "text", "text": "and?"}]}]
+    with pytest.raises(ValueError, match="partial"):
+        omni.open_prefix(turn, partial=True)
+
+
+def test_earlier_audio_is_encoded_once(omni):
+    """The audio encoder's window cache: a conversation's earlier clip is not encoded again
+    at the next turn (a hit gives the very tensor a fresh encode gives)."""
+    first = _turn(_spoken(2.5, burst_at=1.0))[-1:]  # a clip no other test uses
+    cache = omni.model.thinker.audio_tower.window_cache
+    omni.generate(first, max_new_tokens=2, return_audio=False)
+    history = [*first, {"role": "assistant", "content": "Noted."}]
+    hits = cache.hits
+    next_turn = [*history, {"role": "user", "content": "And now?"}]
+    omni.generate(next_turn, max_new_tokens=2, return_audio=False)
+    assert cache.hits == hits + 2  # both windows of the 2.5 s clip

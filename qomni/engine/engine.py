@@ -25,14 +25,18 @@ from qomni.engine.speech import build_talker_prompt, special_embeds, trailing_to
 from qomni.models.code2wav_stream import StreamingCode2Wav, push_together
 from qomni.models.omni import OmniModel
 from qomni.models.thinker import Deepstack
+from qomni.multimodal.processor import ProcessedInputs
 from qomni.sampling import Sampler
 
 
 class Engine:
     def __init__(self, model: OmniModel, stop_ids: Sequence[int], *, max_num_seqs: int = 8,
                  max_model_len: int = 4096, max_talker_len: int = 4096 + 512,
-                 first_chunk_frames: int = 1, chunk_frames: int = 25):
+                 first_chunk_frames: int = 1, chunk_frames: int = 25,
+                 audio_cache_windows: int = 64):
         self.model, self.cfg = model, model.cfg
+        # A conversation's audio is embedded once, not again at every turn and every prefix.
+        model.thinker.audio_tower.cache_windows(audio_cache_windows)
         self.device = model.thinker.lm_head.weight.device
         self.stop = torch.tensor(sorted(stop_ids), device=self.device)
         self.max_model_len = max_model_len
@@ -88,6 +92,9 @@ class Engine:
         if not 0 < n < self.max_model_len:
             raise ValueError(f"a prefix of {n} tokens does not fit max_model_len "
                              f"{self.max_model_len}")
+        if prefix.base is not None and not prefix.base.ready:  # nothing there to continue
+            self.release_prefix(prefix.base)
+            prefix.base = None
         self.prefixes.append(prefix)
 
     def release_prefix(self, prefix: Prefix) -> None:
@@ -101,7 +108,13 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running
-                    or (self.free_rows and any(not p.ready for p in self.prefixes)))
+                    or any(self._can_prefill(p) for p in self.prefixes))
+
+    def _can_prefill(self, p: Prefix) -> bool:
+        """A prefix waits for a free row, unless it may continue its base's."""
+        base = p.base
+        return not p.ready and bool(self.free_rows or (base is not None and base.ready
+                                                      and not base.closed))
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -128,21 +141,34 @@ class Engine:
             self.release_prefix(idle[0])
         self._admit_requests()
         for prefix in [p for p in self.prefixes if not p.ready]:
-            if not self.free_rows or self.waiting:
+            if self.waiting:
                 break
-            prefix.row = self.free_rows.pop(0)
+            if not self._can_prefill(prefix):
+                continue
             try:
                 self._prefill_prefix(prefix)
             except Exception:  # noqa: BLE001 - a prefix is an optimisation: drop it
                 self.release_prefix(prefix)
 
     def _prefill_prefix(self, prefix: Prefix) -> None:
+        """Prefill a prefix into its row; one that continues an earlier, prefilled prefix (the
+        same turn with more of its audio) takes that one's row and prefills only the rest."""
         thinker = self.model.thinker
-        self.cache.reset([prefix.row])
         embeds, pos, _, lengths, deepstack = embed_batch(thinker, [prefix.inputs], self.device)
+        base, prefix.base = prefix.base, None
+        n, held = 0, None
+        if base is not None and base.ready and not base.closed:
+            n = _common(base, prefix.inputs, embeds[0], prefix.capture)
+            if n:  # the base's row is this prefix's now
+                prefix.row, base.row, held = base.row, None, base.captured
+        if base is not None:
+            self.release_prefix(base)  # frees its row unless taken over just above
+        if prefix.row is None:
+            prefix.row = self.free_rows.pop(0)
         capture = self.cfg.talker.accept_hidden_layer if prefix.capture else None
-        _, captured = thinker(embeds, pos, self.cache.rows([prefix.row]), lengths, deepstack,
-                              capture)
+        captured = self._extend(prefix.row, n, embeds, pos, lengths, deepstack, capture,
+                                held)[1]
+        prefix.continued = n
         prefix.embeds = embeds[0]
         prefix.captured = captured[0] if captured is not None else None
         prefix.ready = True
@@ -178,24 +204,18 @@ class Engine:
         thinker = self.model.thinker
         embeds, pos, _, lengths, deepstack = embed_batch(thinker, [req.inputs], self.device)
         capture = self.cfg.talker.accept_hidden_layer if req.speech else None
-        n = self._continued(req, embeds[0])
+        p = req.prefix
+        n = 0
+        if p is not None and p.row is not None and p.row == req.row and p.embeds is not None:
+            n = _common(p, req.inputs, embeds[0], req.speech is not None)
         if n:  # the row holds the first n tokens: prefill only the rest
             req.prefix_used = True
             self.prefix_hits += 1
-            if deepstack is not None:
-                seen = int(deepstack.mask[0, :n].sum())
-                deepstack = Deepstack(deepstack.mask[:, n:], [f[seen:] for f in deepstack.features])
-            hidden, captured = thinker(embeds[:, n:], pos[:, :, n:], self.cache.rows([req.row]),
-                                       lengths - n, deepstack, capture)
-            if captured is not None:
-                captured = torch.cat([req.prefix.captured[None], captured], dim=1)
-        else:
-            self.cache.reset([req.row])
-            hidden, captured = thinker(embeds, pos, self.cache.rows([req.row]), lengths,
-                                       deepstack, capture)
-        if req.prefix is not None:
-            req.prefix.embeds = req.prefix.captured = None
-            req.prefix.row = None
+        hidden, captured = self._extend(req.row, n, embeds, pos, lengths, deepstack, capture,
+                                        p.captured if n else None)
+        if p is not None:
+            p.embeds = p.captured = None
+            p.row = None
         if req.speech is not None:
             req.embeds, req.captured = embeds[0], captured[0]
         if req.sampler.uses_penalty:  # the reference penalises prompt tokens too
@@ -204,21 +224,23 @@ class Engine:
             req.seen[req.inputs.input_ids.to(self.device)] = True
         self._accept([req], thinker.logits(hidden[:, -1]))
 
-    def _continued(self, req: Request, embeds: torch.Tensor) -> int:
-        """How many prompt tokens the request's row already holds from its prefix: all of the
-        prefix when the prompt starts with exactly its ids and input embeddings (media
-        included) and the rest is not empty; else 0."""
-        p = req.prefix
-        if p is None or p.row is None or p.row != req.row or p.embeds is None:
-            return 0
-        n = len(p.inputs)
-        ids = req.inputs.input_ids
-        if (n >= len(req.inputs) or not torch.equal(ids[:n], p.inputs.input_ids)
-                or not torch.equal(req.inputs.positions[:, :n], p.inputs.positions)
-                or not torch.equal(embeds[:n], p.embeds)
-                or (req.speech is not None and p.captured is None)):
-            return 0
-        return n
+    def _extend(self, row: int, n: int, embeds: torch.Tensor, pos: torch.Tensor,
+                lengths: torch.Tensor, deepstack: Deepstack | None, capture: int | None,
+                held: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prefill one prompt [1, S] into `row`, whose cache already holds its first n tokens
+        (`held`: their captured hidden states); n = 0 starts the row afresh. Returns the hidden
+        states of the new tokens and the captured states of all S."""
+        thinker = self.model.thinker
+        if n == 0:
+            self.cache.reset([row])
+        elif deepstack is not None:
+            seen = int(deepstack.mask[0, :n].sum())
+            deepstack = Deepstack(deepstack.mask[:, n:], [f[seen:] for f in deepstack.features])
+        hidden, captured = thinker(embeds[:, n:], pos[:, :, n:], self.cache.rows([row]),
+                                   lengths - n, deepstack, capture)
+        if n and captured is not None:
+            captured = torch.cat([held[None], captured], dim=1)
+        return hidden, captured
 
     def _decode(self) -> None:
         reqs = [r for r in self.running if r.tokens and not r.thinker_done]
@@ -389,3 +411,16 @@ def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler],
         return logits.argmax(-1)
     return torch.cat([s(logits[i: i + 1], None if seen[i] is None else seen[i][None])
                       for i, s in enumerate(samplers)])
+
+
+def _common(p: Prefix, inputs: ProcessedInputs, embeds: torch.Tensor, capture: bool) -> int:
+    """How many tokens of a prompt a prefilled prefix already holds: all of it when the prompt
+    starts with exactly its ids, positions and input embeddings (media included) and goes on
+    past it; else 0 (the prompt is then prefilled whole, so the result never depends on it)."""
+    n = len(p.inputs)
+    if (n >= len(inputs) or not torch.equal(inputs.input_ids[:n], p.inputs.input_ids)
+            or not torch.equal(inputs.positions[:, :n], p.inputs.positions)
+            or not torch.equal(embeds[:n], p.embeds)
+            or (capture and p.captured is None)):
+        return 0
+    return n

@@ -1,19 +1,28 @@
 """AuT audio encoder (`thinker.audio_tower`): log-mel frames -> one embedding per `<|audio_pad|>`.
 
 Legend: N audios, M mel bins, L mel frames, C chunks, P padded chunk frames, F conv channels,
-K tokens per chunk, T tokens (all audios, packed), W attention windows, S tokens per window,
-D d_model, H heads, Dh head dim, O output_dim.
+K tokens per chunk, S tokens of one window, D d_model, H heads, Dh head dim, O output_dim.
 
 Each audio is cut into chunks of 2*n_window frames; every chunk goes through the conv stem on its
 own and gets sinusoid positions 0..K-1, so audio of any length works. Attention is bidirectional
-inside windows of n_window_infer frames, cut per audio from its start. All windows attend in one
-batched call over a [W, H, S, Dh] tensor, so memory grows linearly with the audio length.
+inside windows of n_window_infer frames, cut per audio from its start, so a window's embeddings
+depend on its own frames (and the batch's chunk width) alone.
+
+Windows are encoded one at a time, always with the same shapes: a window's embeddings are then
+bit for bit the same whether its audio is encoded alone, whole, or beside other clips, which is
+what lets speech be encoded (and prefilled) window by window while it arrives, and an earlier
+turn's audio be taken from a cache instead of encoded again. (One batched call over all windows
+gives other low bits when the batch changes, since matmul kernels block by the row count.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import NamedTuple, TypeVar
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -38,32 +47,10 @@ def audio_token_count(lengths: IntOrTensor, n_window: int) -> IntOrTensor:
     return (lengths // chunk) * _stem_len(chunk) + _stem_len(lengths % chunk)
 
 
-def _segments(lengths: list[int], size: int) -> tuple[list[int], list[int]]:
-    """Cut each of the packed sequences into pieces of `size` from its start (the last piece keeps
-    the remainder); returns the packed start and the length of every piece, in order."""
-    starts, sizes, offset = [], [], 0
-    for n in lengths:
-        for s in range(0, n, size):
-            starts.append(offset + s)
-            sizes.append(min(size, n - s))
-        offset += n
-    return starts, sizes
-
-
-def _gather_index(
-    starts: list[int], sizes: list[int], width: int, fill: int, device: torch.device
-) -> torch.Tensor:
-    """[pieces, width] packed indices of each piece, right-padded with `fill`."""
-    pos = torch.arange(width)
-    index = torch.tensor(starts)[:, None] + pos
-    index = torch.where(pos < torch.tensor(sizes)[:, None], index, fill)
-    return index.to(device)
-
-
-class _Windows(NamedTuple):
-    index: torch.Tensor  # [W, S] packed token of each window slot; T marks padding
-    mask: torch.Tensor | None  # [W, 1, 1, S] keys to attend; None when no window is padded
-    keep: torch.Tensor  # [W*S] slots that hold a real token, in packed order
+def window_frames(cfg: AudioConfig) -> int:
+    """Mel frames per attention window: whole chunks of 2*n_window within n_window_infer."""
+    chunk = 2 * cfg.n_window
+    return chunk * (cfg.n_window_infer // chunk)
 
 
 class AudioAttention(nn.Module):
@@ -78,17 +65,15 @@ class AudioAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, windows: _Windows) -> torch.Tensor:
-        # Padding slots read an appended zero row; they are masked as keys and dropped afterwards.
-        x = F.pad(x, (0, 0, 0, 1))[windows.index]  # [W, S, D]
-        w, s, d = x.shape
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [S, D] (one window) -> [S, D]."""
+        s, d = x.shape
         q, k, v = (
-            proj(x).view(w, s, self.num_heads, -1).transpose(1, 2)  # [W, H, S, Dh]
+            proj(x).view(1, s, self.num_heads, -1).transpose(1, 2)  # [1, H, S, Dh]
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=windows.mask)
-        out = out.transpose(1, 2).reshape(w * s, d)[windows.keep]  # [T, D]
-        return self.out_proj(out)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(s, d))
 
 
 class AudioEncoderLayer(nn.Module):
@@ -102,8 +87,8 @@ class AudioEncoderLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
         self.final_layer_norm = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, x: torch.Tensor, windows: _Windows) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), windows)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x))
         x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
         if x.dtype == torch.float16:  # the reference keeps fp16 activations finite this way
             bound = torch.finfo(x.dtype).max - 1000
@@ -133,6 +118,11 @@ class AudioEncoder(nn.Module):
         self.ln_post = nn.LayerNorm(cfg.d_model)
         self.proj1 = nn.Linear(cfg.d_model, cfg.d_model)
         self.proj2 = nn.Linear(cfg.d_model, cfg.output_dim)
+        self.window_cache: WindowCache | None = None
+
+    def cache_windows(self, max_windows: int) -> None:
+        """Keep the embeddings of the last `max_windows` windows encoded (0: no cache)."""
+        self.window_cache = WindowCache(max_windows) if max_windows > 0 else None
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """features [M, ΣL] (the valid frames of all audios, concatenated), lengths [N]
@@ -143,24 +133,41 @@ class AudioEncoder(nn.Module):
                 f"audio encoder: lengths {lens} must be positive and sum to the "
                 f"{features.shape[-1]} frames given"
             )
-        chunk = 2 * self.cfg.n_window
-        starts, sizes = _segments(lens, chunk)
         # The reference pads every chunk to the longest chunk of the batch, and what the conv
         # biases make of that padding reaches the chunk's last token, so we pad the same way.
-        width = max(sizes)
-        x = self._embed_chunks(features, starts, sizes, width)  # [T, D]
-        windows = self._windows(lens, width, x.shape[0], x.device)
+        width = min(2 * self.cfg.n_window, max(lens))
+        size = window_frames(self.cfg)
+        out, start = [], 0
+        for n in lens:
+            out += [self.window(features[:, start + a:start + min(a + size, n)], width)
+                    for a in range(0, n, size)]
+            start += n
+        return torch.cat(out)
+
+    def window(self, frames: torch.Tensor, width: int) -> torch.Tensor:
+        """One attention window: frames [M, L] (at most window_frames) -> [S, O], its chunks
+        padded to `width` frames. A window cache (`cache_windows`) answers repeats."""
+        cache = self.window_cache
+        if cache is not None and not torch.is_grad_enabled():
+            return cache.get(frames, width, self._window)
+        return self._window(frames, width)
+
+    def _window(self, frames: torch.Tensor, width: int) -> torch.Tensor:
+        x = self._embed_chunks(frames, width)  # [S, D]
         for layer in self.layers:
-            x = layer(x, windows)
+            x = layer(x)
         return self.proj2(F.gelu(self.proj1(self.ln_post(x))))
 
-    def _embed_chunks(
-        self, features: torch.Tensor, starts: list[int], sizes: list[int], width: int
-    ) -> torch.Tensor:
-        """Conv stem + conv_out + positions for every chunk, conv_chunksize chunks at a time
-        (the stem's activations are ~6 MB per chunk at real widths)."""
-        frames = F.pad(features.T.to(self.conv2d1.weight.dtype), (0, 0, 0, 1))  # [ΣL+1, M]
-        index = _gather_index(starts, sizes, width, frames.shape[0] - 1, frames.device)  # [C, P]
+    def _embed_chunks(self, features: torch.Tensor, width: int) -> torch.Tensor:
+        """Conv stem + conv_out + positions for the chunks of one window, conv_chunksize chunks
+        at a time (the stem's activations are ~6 MB per chunk at real widths)."""
+        chunk = 2 * self.cfg.n_window
+        n = features.shape[-1]
+        sizes = [min(chunk, n - a) for a in range(0, n, chunk)]
+        frames = features.T.to(self.conv2d1.weight.dtype)  # [L, M]
+        # [C, P, M]: chunk after chunk, right-padded with zero frames to the batch's width.
+        # (A width under a full chunk means every audio of the batch is one chunk long.)
+        x_all = F.pad(frames, (0, 0, 0, len(sizes) * width - n)).view(len(sizes), width, -1)
         k = _stem_len(width)
         tokens = _stem_len(torch.tensor(sizes, device=frames.device))
         valid = torch.arange(k, device=frames.device) < tokens[:, None]  # [C, K]
@@ -168,7 +175,7 @@ class AudioEncoder(nn.Module):
         out = []
         for i in range(0, len(sizes), self.cfg.conv_chunksize):
             rows = slice(i, i + self.cfg.conv_chunksize)
-            x = frames[index[rows]].transpose(1, 2).unsqueeze(1)  # [C, 1, M, P]
+            x = x_all[rows].transpose(1, 2).unsqueeze(1)  # [C, 1, M, P]
             x = F.gelu(self.conv2d1(x))
             x = F.gelu(self.conv2d2(x))
             x = F.gelu(self.conv2d3(x))  # [C, F, M/8, K]
@@ -176,18 +183,40 @@ class AudioEncoder(nn.Module):
             out.append(x[valid[rows]])
         return torch.cat(out)
 
-    def _windows(self, lens: list[int], width: int, total: int, device: torch.device) -> _Windows:
-        chunk = 2 * self.cfg.n_window
-        # Reference quirk (notes Q7): the window is sized from the longest chunk of the batch,
-        # not from a full chunk. It differs only when every audio is shorter than one chunk, and
-        # then each audio fits in a single window either way.
-        size = _stem_len(width) * (self.cfg.n_window_infer // chunk)
-        starts, sizes = _segments([audio_token_count(n, self.cfg.n_window) for n in lens], size)
-        s = max(sizes)
-        index = _gather_index(starts, sizes, s, total, device)  # [W, S]
-        real = index < total
-        mask = None if min(sizes) == s else real[:, None, None, :]
-        return _Windows(index, mask, real.flatten())
+
+class WindowCache:
+    """Embeddings of recently encoded windows, found by their exact frames and chunk width.
+    A hit is the same tensor the encoder would compute (windows are encoded alone, with the
+    same shapes), so a conversation's earlier audio is encoded once, not at every turn."""
+
+    def __init__(self, max_windows: int):
+        self.max_windows = max_windows
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()  # the engine thread and direct callers may share it
+
+    def get(self, frames: torch.Tensor, width: int,
+            encode: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+        frames = frames.contiguous()
+        digest = hashlib.blake2b(frames.view(torch.uint8).cpu().numpy().tobytes(),
+                                 digest_size=16).digest()
+        key = (width, tuple(frames.shape), frames.dtype, frames.device, digest)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and torch.equal(hit[0], frames):  # equal, not just same hash
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return hit[1]
+        out = encode(frames, width)
+        with self._lock:
+            self.misses += 1
+            self._entries[key] = (frames, out)
+            while len(self._entries) > self.max_windows:
+                self._entries.popitem(last=False)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:

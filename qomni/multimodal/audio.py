@@ -199,6 +199,7 @@ def log_mel_features(
     n_mels: int = 128,
     sampling_rate: int = 16000,
     f_max: float = 8000.0,
+    block_frames: int | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whisper log-mel features of a batch, as Qwen3-Omni's processor computes them.
@@ -208,6 +209,12 @@ def log_mel_features(
     STFT, the -8 floor uses each row's max over all L frames, and ``lengths`` equals the
     reference's ``feature_attention_mask.sum(-1)``: ``floor(n / hop)`` for the longest clip but
     ``ceil(n / hop)`` for shorter ones (its mask is the sample mask sampled every hop).
+
+    ``block_frames``: frames are computed in blocks of this many from each clip's start, every
+    block by calls of the same shapes whatever comes after it. So a block's values (before the
+    floor) are bit for bit the same for the first seconds of a clip as for the whole clip: what
+    lets audio still arriving be encoded window by window (the processor passes the audio
+    encoder's window). None: one block per clip.
     """
     if len(waveforms) == 0:
         raise ValueError("log_mel_features needs at least one waveform")
@@ -223,25 +230,29 @@ def log_mel_features(
     if n_max <= n_fft // 2:
         raise ValueError(f"audio too short for the STFT: {n_max} samples, need > {n_fft // 2}")
     batch = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # zero pad: [B, N]
+    # A centred STFT: frame t covers padded[t*hop : t*hop + n_fft]. The reference keeps
+    # floor(N / hop) frames (it drops the last centred one).
+    padded = torch.nn.functional.pad(batch[:, None], (n_fft // 2, n_fft // 2), mode="reflect")[:, 0]
+    n_frames = n_max // hop_length
 
     window = torch.hann_window(n_fft, periodic=True, device=device)
-    spec = torch.stft(
-        batch,
-        n_fft,
-        hop_length,
-        window=window,
-        center=True,
-        pad_mode="reflect",
-        return_complex=True,
-    )  # [B, F, L + 1]
-    # The reference drops the last centred frame, leaving floor(N / hop) frames.
-    power = torch.view_as_real(spec[..., :-1]).pow(2).sum(-1)
     # Mel projection and log in float64: immune to TF32 matmul settings that an engine may enable.
     filters = torch.tensor(mel_filter_bank(n_fft, n_mels, sampling_rate, f_max), device=device)
-    log_mel = torch.matmul(filters, power.double()).clamp_min(1e-10).log10()  # [B, M, L]
+    silent = torch.tensor(1e-10, dtype=torch.float64, device=device).log10()
+    log_mel = silent.expand(len(rows), n_mels, n_frames).clone()  # [B, M, L]
+    for i, k in enumerate(n):
+        # Frames past these see only the zero padding: their power is 0, i.e. `silent`.
+        touched = min(n_frames, -(-(k + n_fft // 2) // hop_length))
+        step = block_frames or touched
+        for a in range(0, touched, step):
+            b = min(a + step, touched)
+            segment = padded[i, a * hop_length:(b - 1) * hop_length + n_fft]
+            spec = torch.stft(segment, n_fft, hop_length, window=window, center=False,
+                              return_complex=True)  # [F, b - a]
+            power = torch.view_as_real(spec).pow(2).sum(-1)
+            log_mel[i, :, a:b] = torch.matmul(filters, power.double()).clamp_min(1e-10).log10()
     peak = log_mel.amax(dim=(1, 2), keepdim=True)
     feats = ((torch.maximum(log_mel, peak - 8.0) + 4.0) / 4.0).float()
 
-    n_frames = feats.shape[-1]
     lengths = [min(math.ceil(k / hop_length), n_frames) for k in n]
     return feats, torch.tensor(lengths, dtype=torch.long, device=device)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from qomni.config import OmniConfig, PreprocessorConfig
+from qomni.models.audio_encoder import window_frames
 from qomni.models.thinker import MediaInputs
 from qomni.multimodal.audio import load_audio, log_mel_features
 from qomni.multimodal.chat import ChatError, Tokenizer, load_chat_template, render_chat
@@ -120,6 +121,13 @@ class Processor:
         return ProcessedInputs(torch.tensor(expanded, dtype=torch.long), positions, delta, prompt,
                                inputs, use_audio_in_video)
 
+    @property
+    def audio_window_frames(self) -> int:
+        """Mel frames per attention window of the audio encoder: a window's embeddings depend
+        on its frames alone, so once its audio has arrived it is final (see `log_mel_features`
+        and `AudioEncoder`)."""
+        return window_frames(self.config.thinker.audio)
+
     def _video_source(self, part: Mapping[str, Any], index: int) -> Any:
         src = media_source(part, "video")
         if is_frame_list(src):
@@ -153,7 +161,8 @@ class Processor:
         frame counts [N]."""
         p = self.pre
         feats, lengths = log_mel_features(waves, n_fft=p.n_fft, hop_length=p.hop_length,
-                                          n_mels=p.feature_size, sampling_rate=p.sampling_rate)
+                                          n_mels=p.feature_size, sampling_rate=p.sampling_rate,
+                                          block_frames=self.audio_window_frames)
         valid = torch.cat([feats[i, :, : int(n)] for i, n in enumerate(lengths)], dim=-1)
         return valid, lengths
 
