@@ -12,6 +12,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     audio_frames: int = 0
+    cached_tokens: int = 0  # prompt tokens continued from a prefilled prefix, not prefilled again
 
     @property
     def total_tokens(self) -> int:

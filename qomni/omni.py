@@ -269,11 +269,7 @@ class Omni:
         media = full.media
         lengths = media.audio_lengths
         frames = int(lengths[-1])
-        pre = self.processor.pre
-        window = self.processor.audio_window_frames
-        margin = -(-(pre.n_fft // 2) // pre.hop_length)  # frames the STFT window reaches ahead
-        windows = max(frames - margin, 0) // window
-        keep = windows * window
+        keep = self.processor.finished_audio_windows(frames) * self.processor.audio_window_frames
         tokens = audio_token_count(keep, self.config.thinker.audio.n_window)
         start = int(torch.nonzero(full.input_ids == self.config.tokens.audio_start)[-1]) + 1
         cut = start + tokens

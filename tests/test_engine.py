@@ -225,15 +225,19 @@ def test_prefix_is_continued_and_changes_nothing(omni):
     assert _rows_all_free(engine)
 
 
-def test_a_prefix_that_does_not_match_is_ignored(omni):
+def test_only_what_a_prefix_shares_with_the_prompt_is_kept(omni):
+    """A prefix that matches the prompt only in its first tokens gives just those, and the
+    answer is the same."""
     kw = {"max_new_tokens": 6, "return_audio": False}
     turn = _next_turn()
     want = omni.generate(turn, **kw)
+    other = [{"role": "system", "content": "Something else entirely."}]
+    ids, theirs = omni.process(turn).input_ids, omni.process(other).input_ids
+    shared = int(torch.nonzero(ids[:len(theirs)] != theirs)[0])  # "<|im_start|>system\n"
+    assert 0 < shared < len(theirs) - 1
     engine = omni._loop().engine
-    hits = engine.prefix_hits
-    other = _ready(omni.open_prefix([{"role": "system", "content": "Something else entirely."}]))
-    got = omni.generate(turn, prefix=other, **kw)
-    assert engine.prefix_hits == hits and got.token_ids == want.token_ids
+    got = omni.generate(turn, prefix=_ready(omni.open_prefix(other)), **kw)
+    assert got.usage.cached_tokens == shared and got.token_ids == want.token_ids
     assert _rows_all_free(engine)
 
 
@@ -294,7 +298,7 @@ def test_a_turn_is_prefilled_window_by_window_while_it_arrives(omni):
     assert p1.prefix.continued == len(p0) and p2.prefix.continued == len(p1)
     assert not p0.ready and not p1.ready  # each was taken over by the next
     got = omni.generate(_turn(audio), prefix=p2, **kw)
-    assert engine.prefix_hits == hits + 1
+    assert engine.prefix_hits == hits + 1 and got.usage.cached_tokens == len(p2)
     assert got.token_ids == want.token_ids and torch.equal(got.codes, want.codes)
     assert np.abs(got.audio - want.audio).max() <= 1e-5
     assert _rows_all_free(engine)
@@ -310,10 +314,10 @@ def test_a_louder_moment_later_in_the_turn_is_caught(omni):
     engine = omni._loop().engine
     p1 = _ready(omni.open_prefix(_turn(audio[:33600]), partial=True))
     p2 = _ready(omni.open_prefix(_turn(audio[:int(4.3 * 16000)]), partial=True, replaces=p1))
-    assert p2.prefix.continued == 0 and not p1.ready  # p1 is freed, not continued
-    hits = engine.prefix_hits
+    # p2 keeps what came before p1's window (the history, the turn's header), not the window.
+    assert p2.prefix.continued == len(p1) - 26 and not p1.ready
     got = omni.generate(_turn(audio), prefix=p2, **kw)
-    assert engine.prefix_hits == hits + 1  # p2 saw the burst: it holds
+    assert got.usage.cached_tokens == len(p2)  # p2 saw the burst: all of it holds
     assert got.token_ids == want.token_ids
     assert _rows_all_free(engine)
 

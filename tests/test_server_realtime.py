@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 websockets = pytest.importorskip("websockets")
 uvicorn = pytest.importorskip("uvicorn")
@@ -151,8 +152,31 @@ def live(tmp_path_factory):
 # ------------------------------------------------------------------------------ turns
 
 
+def _prefilled_audio(engine, at_least: int, timeout: float = 60) -> int:
+    """Wait until the engine holds a prefilled prefix with at least `at_least` audio tokens;
+    returns its length."""
+    deadline = time.monotonic() + timeout
+    pad = engine.cfg.tokens.audio
+    while True:
+        ready = [len(p.inputs) for p in list(engine.prefixes)
+                 if p.ready and int((p.inputs.input_ids == pad).sum()) >= at_least]
+        if ready:
+            return max(ready)
+        assert time.monotonic() < deadline, "the turn's audio was not prefilled while it arrived"
+        time.sleep(0.02)
+
+
 @needs_speech
 def test_server_vad_turns_match_the_engine_and_keep_history(live):
+    """Two spoken turns. While each is spoken, its finished audio windows are prefilled (the
+    test waits for that before it sends the trailing silence); the reply continues what of
+    that prefill still matches (usage reports the cached tokens) and equals the engine's reply
+    to the whole conversation.
+
+    What still matches: the log-mel floor is the clip's loudest moment - 8, so when the
+    loudest moment comes late (the first clip) the early windows change and only the
+    conversation before the turn is kept; when it comes first (the second clip, its first word
+    made louder) every finished window is kept."""
     _vad()
     rt = RT(live.url)
     rt.update(type="realtime", max_output_tokens=6, max_output_audio_frames=8, seed=3,
@@ -162,9 +186,17 @@ def test_server_vad_turns_match_the_engine_and_keep_history(live):
     history, prompts, offset = [SYSTEM], [], 0
     engine = live.served._loop().engine
     hits = engine.prefix_hits
-    for name in ("0880", "0890"):
-        sent = _padded(_clip(name))
-        rt.stream(sent)
+    audio_tokens = 0  # in the history
+    for name, windows in (("0880", 1), ("0890", 2)):
+        clip = _clip(name)
+        if windows == 2:  # its loudest moment first
+            clip[:4800] = np.clip(clip[:4800].astype(np.int32) * 4, -32768, 32767)
+        sent = _padded(clip)
+        speech_end = len(sent) - int(1.2 * 16000)
+        rt.stream(sent[:speech_end])
+        # The turn's finished 2 s windows (26 tokens each in the tiny config) are prefilled.
+        held = _prefilled_audio(engine, audio_tokens + 26 * windows)
+        rt.stream(sent[speech_end:])
         events = rt.until("response.done")
         kinds = [e["type"] for e in events]
         order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
@@ -182,16 +214,16 @@ def test_server_vad_turns_match_the_engine_and_keep_history(live):
         history.append(_user(committed))
         want = live.generate(history, **gen)
         text = _check(events, want)
+        cached = events[-1]["response"]["usage"]["input_token_details"]["cached_tokens"]
+        ids = live.ref.process(history).input_ids
+        before_turn = int(torch.nonzero(ids == engine.cfg.tokens.audio_start)[-1])
+        assert (held if windows == 2 else before_turn) <= cached < want.usage.prompt_tokens
         history.append({"role": "assistant", "content": text})
         prompts.append(want.usage.prompt_tokens)
+        audio_tokens = int((ids == engine.cfg.tokens.audio).sum())
         offset += len(sent) // 16
     assert prompts[1] > prompts[0] + 10  # the second prompt holds the first exchange
-    # The conversation so far was prefilled while the user spoke, and the replies (equal to
-    # the engine's on the whole prompt, above) continued it. The first turn always can; the
-    # second only when the reference encodes the first clip the same way next to the new one
-    # (its audio encoder pads a batch's clips together, so a longer new clip changes the old
-    # clip's embeddings in the last bits, and the engine then prefills the whole prompt).
-    assert engine.prefix_hits >= hits + 1
+    assert engine.prefix_hits == hits + 2
     rt.close()
 
 

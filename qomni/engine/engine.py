@@ -174,8 +174,15 @@ class Engine:
         prefix.ready = True
 
     def _admit_requests(self) -> None:
-        while self.waiting and (self.free_rows or self._prefix_row(self.waiting[0])):
+        while self.waiting:
             req = self.waiting[0]
+            p = req.prefix
+            if p is not None and not p.ready and p.base is not None and p.base.ready:
+                # Its newest prefix is not prefilled yet; the one that it replaces is.
+                req.prefix, p.base = p.base, None
+                self.release_prefix(p)
+            if not (self.free_rows or self._prefix_row(req)):
+                return
             if req.speech is not None and not self.free_talker_rows:
                 return
             self.waiting.popleft()
@@ -209,7 +216,7 @@ class Engine:
         if p is not None and p.row is not None and p.row == req.row and p.embeds is not None:
             n = _common(p, req.inputs, embeds[0], req.speech is not None)
         if n:  # the row holds the first n tokens: prefill only the rest
-            req.prefix_used = True
+            req.cached_tokens = n
             self.prefix_hits += 1
         hidden, captured = self._extend(req.row, n, embeds, pos, lengths, deepstack, capture,
                                         p.captured if n else None)
@@ -227,19 +234,18 @@ class Engine:
     def _extend(self, row: int, n: int, embeds: torch.Tensor, pos: torch.Tensor,
                 lengths: torch.Tensor, deepstack: Deepstack | None, capture: int | None,
                 held: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prefill one prompt [1, S] into `row`, whose cache already holds its first n tokens
-        (`held`: their captured hidden states); n = 0 starts the row afresh. Returns the hidden
+        """Prefill one prompt [1, S] into `row`, whose cache holds its first n tokens (and maybe
+        more, dropped here; `held`: their captured hidden states); n = 0 starts the row afresh. Returns the hidden
         states of the new tokens and the captured states of all S."""
         thinker = self.model.thinker
-        if n == 0:
-            self.cache.reset([row])
-        elif deepstack is not None:
+        self.cache.reset([row], n)
+        if n and deepstack is not None:
             seen = int(deepstack.mask[0, :n].sum())
             deepstack = Deepstack(deepstack.mask[:, n:], [f[seen:] for f in deepstack.features])
         hidden, captured = thinker(embeds[:, n:], pos[:, :, n:], self.cache.rows([row]),
                                    lengths - n, deepstack, capture)
         if n and captured is not None:
-            captured = torch.cat([held[None], captured], dim=1)
+            captured = torch.cat([held[None, :n], captured], dim=1)
         return hidden, captured
 
     def _decode(self) -> None:
@@ -414,13 +420,14 @@ def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler],
 
 
 def _common(p: Prefix, inputs: ProcessedInputs, embeds: torch.Tensor, capture: bool) -> int:
-    """How many tokens of a prompt a prefilled prefix already holds: all of it when the prompt
-    starts with exactly its ids, positions and input embeddings (media included) and goes on
-    past it; else 0 (the prompt is then prefilled whole, so the result never depends on it)."""
-    n = len(p.inputs)
-    if (n >= len(inputs) or not torch.equal(inputs.input_ids[:n], p.inputs.input_ids)
-            or not torch.equal(inputs.positions[:, :n], p.inputs.positions)
-            or not torch.equal(embeds[:n], p.embeds)
-            or (capture and p.captured is None)):
+    """How many first tokens of a prompt a prefilled prefix already holds: those it shares with
+    the prompt's start (same ids, positions and input embeddings, media included), leaving at
+    least one token to prefill. The cache entries of a token depend on the tokens before it
+    only, so these are exactly what prefilling the prompt would write."""
+    n = min(len(p.inputs), len(inputs) - 1)
+    if n <= 0 or (capture and p.captured is None):
         return 0
-    return n
+    same = ((inputs.input_ids[:n] == p.inputs.input_ids[:n])
+            & (inputs.positions[:, :n] == p.inputs.positions[:, :n]).all(0))
+    same = same.to(embeds.device) & (embeds[:n] == p.embeds[:n]).all(-1)
+    return int(same.long().cumprod(0).sum())

@@ -72,7 +72,7 @@ class Request:
     seen: torch.Tensor | None = None  # [V] tokens in the context (repetition penalty only)
     events: deque = field(default_factory=deque)
     prefix: Prefix | None = None  # a prefilled prompt beginning to continue from
-    prefix_used: bool = False  # the prefix matched: only the rest was prefilled
+    cached_tokens: int = 0  # prompt tokens its prefix held: only the rest was prefilled
     stop_strings: tuple[str, ...] = ()  # the text ends before the first of these
     speech_stops: tuple[str, ...] = ()  # speech ends before these; the text goes on (tool calls)
     text: str = ""  # decoded so far; text[:sent] has gone out as TextDelta, the rest is held
@@ -88,7 +88,7 @@ class Request:
 
     def usage(self) -> Usage:
         frames = self.speech.frames if self.speech else 0
-        return Usage(len(self.inputs), len(self.tokens), frames)
+        return Usage(len(self.inputs), len(self.tokens), frames, self.cached_tokens)
 
     def text_ids(self) -> list[int]:
         """Generated ids without the stop token."""

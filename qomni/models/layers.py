@@ -76,9 +76,10 @@ class KVCache:
     def rows(self, rows: list[int]) -> CacheRows:
         return CacheRows(self, rows)
 
-    def reset(self, rows: list[int]) -> None:
-        """Free rows for new sequences (their old entries are simply overwritten later)."""
-        self.lengths[rows] = 0
+    def reset(self, rows: list[int], keep: int = 0) -> None:
+        """Rows keep their first `keep` entries (0: free for a new sequence); the others are
+        simply overwritten later."""
+        self.lengths[rows] = keep
 
 
 class CacheRows:

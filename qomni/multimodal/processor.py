@@ -128,6 +128,12 @@ class Processor:
         and `AudioEncoder`)."""
         return window_frames(self.config.thinker.audio)
 
+    def finished_audio_windows(self, frames: int) -> int:
+        """Encoder windows of a clip still arriving, now `frames` mel frames long, that are
+        final: all their frames' STFT windows have arrived."""
+        margin = -(-(self.pre.n_fft // 2) // self.pre.hop_length)
+        return max(frames - margin, 0) // self.audio_window_frames
+
     def _video_source(self, part: Mapping[str, Any], index: int) -> Any:
         src = media_source(part, "video")
         if is_frame_list(src):

@@ -116,9 +116,11 @@ class Session:
                                       limits.max_media_seconds)
         self.response: Response | None = None
         self.pending_response = False  # a VAD turn ended while a response was running
-        # The conversation so far, prefilled while the user speaks the next turn (the next
-        # response continues it; the engine checks that it still matches).
+        # The conversation so far and the finished audio windows of the turn being spoken,
+        # prefilled while the user speaks (each new window continues the last prefix, the
+        # response continues the last one; the engine checks that each still matches).
         self.prefix: asyncio.Task | None = None
+        self.prefix_windows = 0  # finished windows of the current turn in self.prefix
         self._send_lock = asyncio.Lock()
         self._closed = False
 
@@ -235,6 +237,11 @@ class Session:
         td = self.cfg.turn_detection
         if td is None and self.prefix is None:  # manual turns: the first audio starts one
             self._open_prefix()
+        await self._audio_events(ev, td)
+        if self.response is None and self.prefix is not None:
+            self._grow_prefix()
+
+    async def _audio_events(self, ev: dict[str, Any], td: Any) -> None:
         for speech in self.audio.append(decode_b64(ev.get("audio"), "audio")):
             assert td is not None  # only server VAD finds speech
             if isinstance(speech, SpeechStarted):
@@ -267,6 +274,7 @@ class Session:
 
     async def on_audio_clear(self, ev: dict[str, Any]) -> None:
         self.audio.clear()
+        self.prefix_windows = 0  # the next prefix replaces one that holds the cleared audio
         await self.emit("input_audio_buffer.cleared")
 
     async def on_image_append(self, ev: dict[str, Any]) -> None:
@@ -399,20 +407,39 @@ class Session:
             resp.error = _as_realtime_error(e)
         await self._finish(resp, base)
 
-    def _open_prefix(self) -> None:
-        """Start prefilling the conversation so far (replacing an unused older prefix)."""
+    def _open_prefix(self, audio: np.ndarray | None = None) -> None:
+        """Start prefilling the conversation so far, and with `audio` the turn being spoken up
+        to its finished windows; the new prefix replaces the last (continuing its row when it
+        starts with it)."""
         old, messages = self.prefix, self.messages(self.cfg.instructions)
+        if audio is None:
+            self.prefix_windows = 0
+        else:
+            messages = [*messages, {"role": "user", "content": user_turn(self.images, [audio])}]
 
         async def open_() -> Any:
+            replaces = None
             if old is not None:
                 with contextlib.suppress(BaseException):
-                    (await old).close()
-            return await asyncio.to_thread(self.omni.open_prefix, messages)
+                    replaces = await old
+            return await asyncio.to_thread(self.omni.open_prefix, messages,
+                                           partial=audio is not None, replaces=replaces)
 
         self.prefix = asyncio.ensure_future(open_())
 
+    def _grow_prefix(self) -> None:
+        """A new window of the turn being spoken has all its audio: prefill it now."""
+        audio = self.audio.turn_so_far()
+        if audio is None:
+            return
+        processor = self.omni.processor
+        windows = processor.finished_audio_windows(audio.size // processor.pre.hop_length)
+        if windows > self.prefix_windows:
+            self.prefix_windows = windows
+            self._open_prefix(audio)
+
     async def _take_prefix(self) -> Any:
-        task, self.prefix = self.prefix, None
+        task, self.prefix, self.prefix_windows = self.prefix, None, 0
         if task is None:
             return None
         try:
@@ -481,13 +508,16 @@ class Session:
         if resp.finished is not None:
             u = resp.finished.usage
             prompt, text, frames = u.prompt_tokens, u.completion_tokens, u.audio_frames
+            cached = u.cached_tokens
         else:  # stopped early: Omni.astream reports usage only at the end
             text, frames = resp.tokens, round(resp.audio_seconds / 0.08)  # 80 ms codec frames
+            cached = 0
             try:
                 prompt = await asyncio.to_thread(lambda: len(self.omni.process(resp.messages)))
             except Exception:  # noqa: BLE001 - the prompt itself was the problem
                 prompt = 0
         return {"total_tokens": prompt + text + frames, "input_tokens": prompt,
+                "input_token_details": {"cached_tokens": cached},
                 "output_tokens": text + frames,
                 "output_token_details": {"text_tokens": text, "audio_tokens": frames}}
 

@@ -204,6 +204,15 @@ class InputAudioBuffer:
         self.committed_until = end
         return SpeechStopped(item_id, end, self.buf.view(start, end).copy())
 
+    def turn_so_far(self) -> np.ndarray | None:
+        """The samples of the turn being spoken (server VAD: since speech started; manual:
+        since the last commit), or None when no turn is under way. They are final: the
+        streaming resampler never changes samples it has given."""
+        start = self.speech_start if self.vad is not None else self._turn_start()
+        if start is None or self.buf.end <= start:
+            return None
+        return self.buf.view(start, self.buf.end).copy()
+
     def commit(self) -> tuple[str, np.ndarray]:
         """The client's `input_audio_buffer.commit`: (item id, samples) of the turn so far."""
         if self.speech_start is not None:  # the client ends the turn itself
