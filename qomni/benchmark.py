@@ -546,6 +546,61 @@ def _end_to_end(omni: Any, conversation: list, settings: Settings) -> dict[str, 
             "tokens": settings.reply_tokens, "frames": settings.reply_frames}
 
 
+def _first_audio(omni: Any, conversation: list, settings: Settings, **extra: Any) -> float:
+    kwargs = {"max_new_tokens": settings.reply_tokens, "max_audio_frames": settings.reply_frames,
+              "talker_sampling": GREEDY_TALKER, "speaker": SPEAKER, **extra}
+    stream = omni.stream(conversation, **kwargs)
+    start = time.perf_counter()
+    for event in stream:
+        if isinstance(event, AudioChunk):
+            stream.close()
+            return time.perf_counter() - start
+    raise RuntimeError("the reply ended without audio")
+
+
+def spoken_turn(settings: Settings) -> list[dict[str, Any]]:
+    """System prompt + a user turn that is only audio, as a voice assistant gets it. The clip's
+    loudest moment is at its start, so its early windows are final once spoken (a louder moment
+    later would raise the log-mel floor and change them)."""
+    rng = np.random.default_rng(1)
+    t = np.arange(int(settings.audio_seconds * 16000)) / 16000
+    audio = 0.2 * np.sin(2 * np.pi * (200 + 300 * t) * t) + 0.01 * rng.standard_normal(t.size)
+    audio[:3200] *= 3
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": [{"type": "audio", "audio": audio.astype(np.float32)}]}]
+
+
+def _voice_turn(omni: Any, settings: Settings) -> dict[str, Any]:
+    """End of speech -> first audio for a spoken turn: prefilled whole when it ends, and with
+    the conversation and the turn's finished encoder windows prefilled while it was spoken (the
+    prefix a realtime session has opened by then). The audio encoder's window cache is emptied
+    before each run, so only what was encoded while the turn was spoken is reused."""
+    conversation = spoken_turn(settings)
+    tower = omni.model.thinker.audio_tower
+    size = tower.window_cache.max_windows if tower.window_cache else 0
+    tower.cache_windows(size)
+    whole = _first_audio(omni, conversation, settings)
+    tower.cache_windows(size)
+    audio = conversation[-1]["content"][0]["audio"]
+    pre = omni.processor.pre
+    windows = omni.processor.finished_audio_windows(audio.size // pre.hop_length)
+    spoken = audio[:(windows * omni.processor.audio_window_frames + 2) * pre.hop_length]
+    turn = [conversation[0], {"role": "user", "content": [{"type": "audio", "audio": spoken}]}]
+    prefix = omni.open_prefix(turn, partial=True) if windows else omni.open_prefix(
+        conversation[:1])
+    deadline = time.monotonic() + 600
+    while not prefix.ready:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the prefix was never prefilled")
+        time.sleep(0.01)
+    engine = omni._loop().engine
+    cached = engine.cached_tokens
+    ahead = _first_audio(omni, conversation, settings, prefix=prefix)
+    return {"prefilled_whole_s": whole, "prefilled_ahead_s": ahead, "prefix_tokens": len(prefix),
+            "prompt_tokens": len(omni.process(conversation)), "windows": windows,
+            "cached_tokens": engine.cached_tokens - cached}
+
+
 def _throughput(omni: Any, batch: int, settings: Settings) -> dict[str, Any]:
     """`batch` speaking requests at once through Omni.generate (the engine batches them)."""
     convs = [TEXT_CONVERSATION] * batch
@@ -586,6 +641,8 @@ def bench_qomni(path: str | Path, settings: Settings = DEFAULT, dtype: str | Non
     _log("qomni: end to end (Omni.stream)")
     omni.generate(TEXT_CONVERSATION, max_new_tokens=2, max_audio_frames=2)  # starts the engine
     e2e = _end_to_end(omni, conversation, settings)
+    _log("qomni: a spoken turn, prefilled whole and while spoken")
+    voice = _voice_turn(omni, settings)
     throughput = []
     for batch in settings.batches:
         _log(f"qomni: speech throughput at batch {batch}")
@@ -596,7 +653,7 @@ def bench_qomni(path: str | Path, settings: Settings = DEFAULT, dtype: str | Non
             "threads": torch.get_num_threads(),
             "params": sum(p.numel() for p in model.parameters()), "calibration": calib,
             "prompt_tokens": len(inputs), "processing_s": processing_s, "stages": stages,
-            "e2e": e2e, "throughput": throughput, "peak_rss_gib": peak_rss_gib(),
+            "e2e": e2e, "voice_turn": voice, "throughput": throughput, "peak_rss_gib": peak_rss_gib(),
             "load_average_after": os.getloadavg()[0]}
 
 
@@ -883,11 +940,22 @@ def _qomni_report(r: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str
                    f"reply: first text {e['time_to_first_text_s']:.2f} s, first audio "
                    f"{e['time_to_first_audio_s']:.2f} s ({e['first_chunk_s'] * 1e3:.0f} ms "
                    "chunk)"),
+              _voice_line(r.get("voice_turn"), settings),
               (f"speech throughput, Omni.generate ({settings['decode_tokens']} text tokens + "
                f"{settings['e2e_frames']} frames per request):")]
     lines += [f"  batch {t['batch']}: {t['audio_s']:.2f} s of speech in {t['wall_s']:.2f} s = "
               f"{t['audio_s'] / t['wall_s']:.3f} audio s per s" for t in r["throughput"]]
     return lines
+
+
+def _voice_line(v: Mapping[str, Any] | None, settings: Mapping[str, Any]) -> str:
+    if v is None:
+        return "spoken turn: not measured"
+    return (f"spoken turn (system + {settings['audio_seconds']:g} s of audio, "
+            f"{v['prompt_tokens']} tokens), end of speech -> first audio: "
+            f"{v['prefilled_whole_s']:.2f} s prefilled whole, {v['prefilled_ahead_s']:.2f} s with "
+            f"{v['prefix_tokens']} tokens ({v['windows']} audio windows) prefilled while spoken, "
+            f"{v['cached_tokens']} of them continued")
 
 
 def _comparison_report(results: Mapping[str, Any]) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 from qomni import benchmark
 from qomni.tiny import make_tiny
 
-TINY = benchmark.Settings(audio_seconds=1.0, image_size=64, decode_tokens=3, talker_frames=2,
+TINY = benchmark.Settings(audio_seconds=2.5, image_size=64, decode_tokens=3, talker_frames=2,
                           code2wav_frames=6, e2e_frames=4, reply_tokens=4, reply_frames=6,
                           batches=(1, 2))
 STAGES = {"prefill", "audio_encoder", "vision_encoder", "thinker_lm", "thinker_decode",
@@ -56,6 +56,11 @@ def check_common(result, stages):
 
 def test_qomni_results_are_complete(qomni_result):
     check_common(qomni_result, STAGES)
+    voice = qomni_result["voice_turn"]
+    assert positive(voice["prefilled_whole_s"]) and positive(voice["prefilled_ahead_s"])
+    # 2.5 s of audio in the tiny config: one finished 2 s window, continued by the request
+    assert voice["windows"] == 1 and voice["cached_tokens"] == voice["prefix_tokens"]
+    assert 0 < voice["prefix_tokens"] < voice["prompt_tokens"]
     stages = qomni_result["stages"]
     for name in STAGES - {"talker_prefill"}:  # every other stage has a floor
         assert positive(stages[name]["floor_seconds"]), name

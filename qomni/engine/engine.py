@@ -49,6 +49,7 @@ class Engine:
         self.on_events: Callable[[], None] = lambda: None
         self.prefixes: list[Prefix] = []  # waiting for a row, or prefilled and holding one
         self.prefix_hits = 0  # requests that continued a prefix
+        self.cached_tokens = 0  # prompt tokens those requests took from their prefixes
         if model.audio_output:
             tcfg = self.cfg.talker
             self.talker_cache = model.talker.new_cache(max_num_seqs, max_talker_len)
@@ -218,6 +219,7 @@ class Engine:
         if n:  # the row holds the first n tokens: prefill only the rest
             req.cached_tokens = n
             self.prefix_hits += 1
+            self.cached_tokens += n
         hidden, captured = self._extend(req.row, n, embeds, pos, lengths, deepstack, capture,
                                         p.captured if n else None)
         if p is not None:
