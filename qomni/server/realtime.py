@@ -26,10 +26,14 @@ Limits: one WebSocket message at most `Limits.max_request_bytes`; the input buff
 `Limits.max_media_seconds` (see `realtime_audio.py`); an image at most `Limits.max_media_bytes`.
 Bad input gets an `error` event and the socket stays open.
 
-Not done yet: the model sees a user turn only when it is committed (the whole prompt is prefilled
-when the response starts); encoding audio window by window and prefilling the thinker while the
-user speaks needs incremental prefill in the engine, which would replace `user_turn` /
-`Session._run`. Also missing: input transcription events, tools, out-of-band responses,
+While the user speaks, the model reads along: when speech starts (or the first audio of a
+manual turn arrives) the conversation so far is prefilled (`Omni.open_prefix`), and every time
+an audio-encoder window of the turn (8 s) has all its samples, the turn so far is prefilled up
+to that window, continuing the last prefix. The response then prefills only what is left (the
+last, unfinished window and the assistant header); the engine checks that what it continues
+is exactly what the whole turn gives (see docs/architecture.md, item 4).
+
+Not done: input transcription events, tools, out-of-band responses,
 `conversation.item.truncate` / `.retrieve` (answered with an `error` event).
 """
 

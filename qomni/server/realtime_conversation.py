@@ -40,10 +40,8 @@ class Item:
 def user_turn(images: Sequence[bytes], audio: Sequence[np.ndarray] = (),
               texts: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The model-card content of one user turn: images (video frames) first, then the audio,
-    then text. This is the whole audio-to-model path today: the turn is encoded and prefilled
-    with the rest of the prompt when the response starts. Incremental prefill would encode the
-    audio window by window as it is appended and keep the prompt's prefix in the KV cache; it
-    replaces this function and `Session._run`."""
+    then text. The session builds the turn being spoken the same way (with the audio so far),
+    so its prefixes start exactly like the committed turn."""
     return ([{"type": "image", "image": im} for im in images]
             + [{"type": "audio", "audio": a} for a in audio]
             + [{"type": "text", "text": t} for t in texts])
