@@ -52,6 +52,7 @@ from qomni.models.code2wav_stream import StreamingCode2Wav
 from qomni.models.layers import KVCache
 from qomni.models.moe import SparseMoE
 from qomni.models.omni import OmniModel
+from qomni.models.packed_linear import PackedLinear
 from qomni.multimodal.processor import ProcessedInputs
 from qomni.sampling import SamplingParams
 from qomni.tiny import TINY_CONFIG, make_tiny
@@ -339,6 +340,8 @@ def weight_bytes(module: nn.Module, tokens: int = 1) -> float:
         elif isinstance(m, nn.Embedding):
             total += tokens * m.weight.shape[1] * m.weight.element_size()
             partial_ids.add(id(m.weight))
+        elif isinstance(m, PackedLinear):  # its packed weight is no parameter
+            total += _nbytes(m.weight)
     return total + sum(_nbytes(p) for p in module.parameters() if id(p) not in partial_ids)
 
 

@@ -25,6 +25,7 @@ from qomni.engine.speech import code_predictor_sampling, talker_sampling_default
 from qomni.events import AudioChunk, Finished, GenerateOutput, TextDelta
 from qomni.models.audio_encoder import audio_token_count
 from qomni.models.omni import OmniModel
+from qomni.models.packed_linear import pack_linears
 from qomni.multimodal.chat import StreamDecoder
 from qomni.multimodal.processor import ProcessedInputs, Processor, media_parts
 from qomni.sampling import GREEDY, Sampler, SamplingParams
@@ -107,6 +108,8 @@ class Omni:
         skip = [] if audio_output else ["talker.", "code2wav."]
         load_weights(net, path, dtype=dtype, device=device, skip_prefixes=skip, progress=progress)
         net.to(device).eval()
+        if device.type == "cpu" and dtype == torch.float32:
+            pack_linears(net)  # decode-sized matmuls read the weights 1.3-3x faster
         gen_file = path / "generation_config.json"
         gen_cfg = json.loads(gen_file.read_text()) if gen_file.exists() else {}
         return cls(net, Processor(path, cfg), path, gen_cfg, **engine_options)

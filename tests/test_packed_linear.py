@@ -1,0 +1,43 @@
+"""PackedLinear (oneDNN inner product on a pre-packed weight) against nn.Linear."""
+
+import pytest
+import torch
+from torch import nn
+
+from qomni.models.packed_linear import PackedLinear, pack_linears
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 64), (8, 64), (3, 5, 64), (300, 64)])
+def test_equals_linear(shape, bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96, bias=bias)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        want = lin(x)
+        got = PackedLinear(lin)(x)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_empty_input():
+    packed = PackedLinear(nn.Linear(8, 4))
+    assert packed(torch.zeros(0, 8)).shape == (0, 4)
+
+
+def test_pack_linears_replaces_fp32_cpu_linears_only():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ModuleList([nn.Linear(4, 4), nn.Embedding(3, 4)]),
+                          nn.Linear(4, 4).to(torch.bfloat16))
+    assert pack_linears(model) == 2
+    assert isinstance(model[0], PackedLinear) and isinstance(model[1][0], PackedLinear)
+    assert isinstance(model[1][1], nn.Embedding) and type(model[2]) is nn.Linear
+    w = model[0].weight  # what callers read of a weight still works
+    assert w.shape == (4, 4) and w.dtype == torch.float32 and w.device.type == "cpu"
+
+
+def test_omni_load_packs_on_cpu(omni_tiny):
+    omni = omni_tiny("a")
+    assert isinstance(omni.model.thinker.lm_head, PackedLinear)
+    assert omni.device.type == "cpu" and omni.dtype == torch.float32
