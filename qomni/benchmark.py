@@ -241,13 +241,24 @@ def _sdpa_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
     return 4 * b * h * s * k_shape[-2] * d  # q·kᵀ and p·v
 
 
+def _packed_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * x_shape[-1] * math.prod(out_shape)
+
+
 def flop_counter() -> FlopCounterMode:
-    """torch's FLOP counter, plus the two ops the models use that it does not know (MoE grouped
-    GEMM; the CPU attention kernel)."""
+    """torch's FLOP counter, plus the ops the models use that it does not know (MoE grouped
+    GEMM; the CPU attention kernel; PackedLinear's oneDNN inner product)."""
     aten = torch.ops.aten
     return FlopCounterMode(display=False, custom_mapping={
         aten._grouped_mm: _grouped_mm_flops,
-        aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops})
+        aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+        torch.ops.mkldnn._linear_pointwise: _packed_linear_flops})
+
+
+def param_count(model: nn.Module) -> int:
+    """Parameters, with the weights PackedLinear holds outside them."""
+    packed = sum(m.weight.numel() for m in model.modules() if isinstance(m, PackedLinear))
+    return packed + sum(p.numel() for p in model.parameters())
 
 
 class CallTimer:
@@ -654,7 +665,7 @@ def bench_qomni(path: str | Path, settings: Settings = DEFAULT, dtype: str | Non
     set_floors(stages, calib)
     return {"backend": "qomni", "device": str(dev), "dtype": str(omni.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
-            "params": sum(p.numel() for p in model.parameters()), "calibration": calib,
+            "params": param_count(model), "calibration": calib,
             "prompt_tokens": len(inputs), "processing_s": processing_s, "stages": stages,
             "e2e": e2e, "voice_turn": voice, "throughput": throughput, "peak_rss_gib": peak_rss_gib(),
             "load_average_after": os.getloadavg()[0]}

@@ -132,3 +132,18 @@ def test_a_failing_backend_is_reported_not_raised(tmp_path):
     result = benchmark.in_subprocess(benchmark.bench_qomni, str(tmp_path / "missing"), TINY,
                                      None, "cpu")
     assert result["error"].startswith("FileNotFoundError")
+
+
+def test_flops_and_params_count_packed_linears():
+    import torch
+    from torch import nn
+
+    from qomni.models.packed_linear import pack_linears
+
+    model = nn.Sequential(nn.Linear(64, 32))
+    if not pack_linears(model):
+        pytest.skip("no oneDNN")
+    with benchmark.flop_counter() as counter, torch.inference_mode():
+        model(torch.randn(10, 64))
+    assert counter.get_total_flops() == 2 * 10 * 64 * 32
+    assert benchmark.param_count(model) == 64 * 32 + 32
