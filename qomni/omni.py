@@ -93,7 +93,9 @@ class Omni:
              device: str | torch.device | None = None, audio_output: bool | None = None,
              progress: bool = True, **engine_options: Any) -> Omni:
         """Load a checkpoint. `engine_options` size the engine: max_num_seqs (8),
-        max_model_len (4096), max_talker_len, first_chunk_frames (1), chunk_frames (25)."""
+        max_model_len (4096), max_talker_len, first_chunk_frames (1), chunk_frames (25),
+        audio_cache_windows (64 audio-encoder windows of 8 s kept, so a conversation's earlier
+        audio is not encoded again)."""
         path = resolve_model_path(model)
         cfg = OmniConfig.from_hf(path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
