@@ -221,17 +221,16 @@ class Omni:
                     replaces: PromptPrefix | None = None, use_audio_in_video: bool = False,
                     **template_kwargs: Any) -> PromptPrefix:
         """Prefill the beginning of a prompt now, before the request exists. Pass the result as
-        `prefix=` to the request whose prompt continues it: when its first tokens and input
-        embeddings equal the prefix's, only the rest is prefilled; otherwise it is prefilled
-        whole, so the result never changes. A prefix holds a cache row until a request takes it
+        `prefix=` to the request whose prompt continues it: the tokens its prompt shares with
+        the prefix's start (same ids, positions and input embeddings, token by token) are not
+        prefilled again, the rest is, so the result never depends on the prefix. A prefix holds a cache row until a request takes it
         over, `close()`, or a request that needs the row (a prefix never makes requests wait).
 
         `messages`: the conversation so far (e.g. while the user speaks the next turn); with
         `partial`, its last message is a user turn still arriving, whose last part is the audio
         received so far: the prefix then ends with that audio's finished encoder windows.
-        `replaces`: an earlier prefix of the same prompt (the turn with less audio): when this
-        one starts with it, this one continues its row and prefills only the new tokens; the
-        earlier one is closed either way."""
+        `replaces`: an earlier prefix of the same prompt (the turn with less audio): this one
+        takes over its row and keeps what they share; the earlier one is closed either way."""
         if _is_batch(messages):
             raise ValueError("open_prefix() takes one conversation")
         if replaces is not None and not isinstance(replaces, PromptPrefix):

@@ -152,8 +152,8 @@ class Engine:
                 self.release_prefix(prefix)
 
     def _prefill_prefix(self, prefix: Prefix) -> None:
-        """Prefill a prefix into its row; one that continues an earlier, prefilled prefix (the
-        same turn with more of its audio) takes that one's row and prefills only the rest."""
+        """Prefill a prefix into a row; one that replaces an earlier, prefilled prefix (the same
+        turn with more of its audio) takes that one's row and keeps what they share."""
         thinker = self.model.thinker
         embeds, pos, _, lengths, deepstack = embed_batch(thinker, [prefix.inputs], self.device)
         base, prefix.base = prefix.base, None
@@ -236,9 +236,9 @@ class Engine:
     def _extend(self, row: int, n: int, embeds: torch.Tensor, pos: torch.Tensor,
                 lengths: torch.Tensor, deepstack: Deepstack | None, capture: int | None,
                 held: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prefill one prompt [1, S] into `row`, whose cache holds its first n tokens (and maybe
-        more, dropped here; `held`: their captured hidden states); n = 0 starts the row afresh. Returns the hidden
-        states of the new tokens and the captured states of all S."""
+        """Prefill one prompt [1, S] into `row`, whose cache holds its first n tokens (maybe more,
+        which are dropped; `held` [>= n, D]: their captured hidden states); n = 0 starts the row
+        afresh. Returns the hidden states of the new tokens and the captured states of all S."""
         thinker = self.model.thinker
         self.cache.reset([row], n)
         if n and deepstack is not None:

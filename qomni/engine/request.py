@@ -49,10 +49,10 @@ class Prefix:
     closed: bool = False  # used, released or evicted: it holds nothing
     embeds: torch.Tensor | None = None  # [P, Dt]
     captured: torch.Tensor | None = None  # [P, Dt], when capture
-    # An earlier prefix this one may continue (the same turn, more of its audio): when it is
-    # prefilled and this one starts with it, this one takes its row and prefills the rest.
+    # An earlier prefix this one replaces (the same turn, less of its audio): when that one is
+    # prefilled, this one takes its row and keeps the tokens they share.
     base: Prefix | None = None
-    continued: int = 0  # tokens its base had prefilled already (0: prefilled whole)
+    continued: int = 0  # tokens kept from its base (0: prefilled whole)
 
 
 @dataclass(eq=False)  # identity: requests hold tensors
