@@ -336,7 +336,9 @@ def test_manual_commit_dashscope_dialect(live):
     err = rt.recv()
     assert err["type"] == "error" and err["error"]["code"] == "input_audio_buffer_commit_empty"
     assert err["error"]["event_id"] == "evt_1"
-    rt.stream(clip)  # no VAD: nothing happens until the client commits
+    rt.stream(clip)  # no VAD: nothing happens until the client commits...
+    engine = live.served._loop().engine
+    _prefilled_audio(engine, 26)  # ...but its finished 2 s window is prefilled meanwhile
     rt.send(type="input_audio_buffer.commit")
     events = rt.until("conversation.item.created")
     assert [e["type"] for e in events] == ["input_audio_buffer.committed",
@@ -353,6 +355,9 @@ def test_manual_commit_dashscope_dialect(live):
     names = {"audio_name": "response.audio.delta",
              "text_name": "response.audio_transcript.delta"}
     text = _check(events, want, **names)
+    before_turn = int(torch.nonzero(live.ref.process(conv).input_ids
+                                    == engine.cfg.tokens.audio_start)[-1])
+    assert events[-1]["response"]["usage"]["input_token_details"]["cached_tokens"] >= before_turn
     # A whole turn as one conversation item: the same path, with the history.
     other = _clip("0890")
     rt.send(type="conversation.item.create", item={

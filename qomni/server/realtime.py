@@ -433,12 +433,11 @@ class Session:
 
     def _grow_prefix(self) -> None:
         """A new window of the turn being spoken has all its audio: prefill it now."""
-        audio = self.audio.turn_so_far()
-        if audio is None:
-            return
         processor = self.omni.processor
-        windows = processor.finished_audio_windows(audio.size // processor.pre.hop_length)
-        if windows > self.prefix_windows:
+        frames = self.audio.turn_length() // processor.pre.hop_length
+        windows = processor.finished_audio_windows(frames)
+        audio = self.audio.turn_so_far() if windows > self.prefix_windows else None
+        if audio is not None:
             self.prefix_windows = windows
             self._open_prefix(audio)
 

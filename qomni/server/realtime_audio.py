@@ -204,14 +204,21 @@ class InputAudioBuffer:
         self.committed_until = end
         return SpeechStopped(item_id, end, self.buf.view(start, end).copy())
 
-    def turn_so_far(self) -> np.ndarray | None:
-        """The samples of the turn being spoken (server VAD: since speech started; manual:
-        since the last commit), or None when no turn is under way. They are final: the
-        streaming resampler never changes samples it has given."""
+    def _spoken_from(self) -> int | None:
+        """Where the turn being spoken starts (server VAD: where speech started; manual: after
+        the last commit); None when no turn is under way."""
         start = self.speech_start if self.vad is not None else self._turn_start()
-        if start is None or self.buf.end <= start:
-            return None
-        return self.buf.view(start, self.buf.end).copy()
+        return None if start is None or self.buf.end <= start else start
+
+    def turn_length(self) -> int:
+        start = self._spoken_from()
+        return 0 if start is None else self.buf.end - start
+
+    def turn_so_far(self) -> np.ndarray | None:
+        """A copy of the samples of the turn being spoken, or None. They are final: the
+        streaming resampler never changes samples it has given."""
+        start = self._spoken_from()
+        return None if start is None else self.buf.view(start, self.buf.end).copy()
 
     def commit(self) -> tuple[str, np.ndarray]:
         """The client's `input_audio_buffer.commit`: (item id, samples) of the turn so far."""
