@@ -53,6 +53,7 @@ from qomni.models.layers import KVCache
 from qomni.models.moe import SparseMoE
 from qomni.models.omni import OmniModel
 from qomni.models.packed_linear import PackedLinear
+from qomni.models.rope import decode_positions
 from qomni.multimodal.processor import ProcessedInputs
 from qomni.sampling import SamplingParams
 from qomni.tiny import TINY_CONFIG, make_tiny
@@ -436,7 +437,7 @@ def _decode_stage(model: OmniModel, inputs: ProcessedInputs, pre: _Prefilled, st
     token = pre.token
 
     def step(tok: torch.Tensor) -> torch.Tensor:
-        pos = (pre.cache.lengths + inputs.rope_delta).view(1, -1, 1).expand(3, -1, 1)
+        pos = decode_positions(pre.cache.lengths, inputs.rope_delta)
         hidden, _ = thinker(thinker.embed(tok[:, None]), pos, pre.cache, ones)
         return thinker.logits(hidden[:, 0]).argmax(-1)
 
@@ -463,17 +464,14 @@ def _talker_stages(model: OmniModel, inputs: ProcessedInputs, pre: _Prefilled, f
                                  tcfg.speaker(SPEAKER))
     n = prompt.embeds.shape[0]
     cache = talker.new_cache(1, n + frames + 2)
-    suppress = torch.ones(tcfg.text.vocab_size, dtype=torch.bool, device=device)
-    suppress[: tcfg.code_predictor.vocab_size] = False  # codebook-0 codes and EOS only
-    suppress[tcfg.codec_eos_token_id] = False
     ones = torch.ones(1, dtype=torch.long, device=device)
 
     def choose(hidden: torch.Tensor) -> torch.Tensor:
-        return talker.logits(hidden).float().masked_fill(suppress, float("-inf")).argmax(-1)
+        return talker.code0_logits(hidden).argmax(-1)
 
     def step(codec_next: torch.Tensor) -> torch.Tensor:
         text = talker.text_projection(model.thinker.embed(pre.token))  # the trailing text token
-        pos = (cache.lengths + prompt.rope_delta).view(1, -1, 1).expand(3, -1, 1)
+        pos = decode_positions(cache.lengths, prompt.rope_delta)
         return talker((codec_next + text)[:, None], pos, cache, ones)[:, 0]
 
     prefill_s, hidden = _timed(lambda: talker(prompt.embeds[None], prompt.positions[:, None],

@@ -24,6 +24,7 @@ from qomni.engine.request import Prefix, Request
 from qomni.engine.speech import build_talker_prompt, special_embeds, trailing_token
 from qomni.models.code2wav_stream import StreamingCode2Wav, push_together
 from qomni.models.omni import OmniModel
+from qomni.models.rope import decode_positions
 from qomni.models.thinker import Deepstack
 from qomni.multimodal.processor import ProcessedInputs
 from qomni.sampling import Sampler
@@ -51,17 +52,12 @@ class Engine:
         self.prefix_hits = 0  # requests that continued a prefix
         self.cached_tokens = 0  # prompt tokens those requests took from their prefixes
         if model.audio_output:
-            tcfg = self.cfg.talker
             self.talker_cache = model.talker.new_cache(max_num_seqs, max_talker_len)
             self.max_talker_len = max_talker_len
             self.free_talker_rows = list(range(max_num_seqs))
             tok = self.cfg.tokens
             with torch.inference_mode():
                 self.tts_pad, self.tts_eos = special_embeds(model, (tok.tts_pad, tok.tts_eos))
-            suppress = torch.ones(tcfg.text.vocab_size, dtype=torch.bool, device=self.device)
-            suppress[: tcfg.code_predictor.vocab_size] = False  # codebook-0 codes and EOS only
-            suppress[tcfg.codec_eos_token_id] = False
-            self.suppress = suppress
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -257,7 +253,7 @@ class Engine:
         rows = [r.row for r in reqs]
         view = self.cache.rows(rows)
         delta = torch.tensor([r.inputs.rope_delta for r in reqs], device=self.device)
-        pos = (view.lengths + delta).view(1, -1, 1).expand(3, -1, 1)
+        pos = decode_positions(view.lengths, delta)
         last = torch.tensor([r.tokens[-1] for r in reqs], device=self.device)[:, None]
         thinker = self.model.thinker
         hidden, _ = thinker(thinker.embed(last), pos, view,
@@ -324,7 +320,7 @@ class Engine:
         step_reqs = [reqs[i] for i in go]
         view = self.talker_cache.rows([r.speech.row for r in step_reqs])
         delta = torch.tensor([r.speech.rope_delta for r in step_reqs], device=self.device)
-        pos = (view.lengths + delta).view(1, -1, 1).expand(3, -1, 1)
+        pos = decode_positions(view.lengths, delta)
         out = talker((codec_next[go] + text)[:, None], pos, view,
                      torch.ones(len(go), dtype=torch.long, device=self.device))
         self._choose_code0(step_reqs, out[:, 0])
@@ -345,7 +341,7 @@ class Engine:
         self._choose_code0([req], hidden[:, -1])
 
     def _choose_code0(self, reqs: list[Request], hidden: torch.Tensor) -> None:
-        logits = self.model.talker.logits(hidden).float().masked_fill(self.suppress, float("-inf"))
+        logits = self.model.talker.code0_logits(hidden)
         code0 = sample_rows(logits, [r.speech.sampler for r in reqs],
                             [r.speech.seen for r in reqs])
         eos = self.cfg.talker.codec_eos_token_id

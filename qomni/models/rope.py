@@ -51,6 +51,12 @@ class RoPE(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def decode_positions(lengths: torch.Tensor, rope_delta: torch.Tensor | float) -> torch.Tensor:
+    """M-RoPE positions [3, B, 1] of each row's next token: after the prompt every axis moves
+    together, at the row's cached length plus its prompt's `rope_delta`."""
+    return (lengths + rope_delta).view(1, -1, 1).expand(3, -1, 1)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

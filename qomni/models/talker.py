@@ -69,6 +69,12 @@ class Talker(nn.Module):
         self.hidden_projection = ResizeMLP(cfg.thinker_hidden_size, text.intermediate_size,
                                            text.hidden_size)
         self.code_predictor = CodePredictor(cfg.code_predictor)
+        # The reference samples codebook 0 from the codec head with every control id but EOS
+        # suppressed: only codebook-0 codes and EOS can be chosen.
+        suppress = torch.ones(text.vocab_size, dtype=torch.bool)
+        suppress[: cfg.code_predictor.vocab_size] = False
+        suppress[cfg.codec_eos_token_id] = False
+        self.register_buffer("code0_suppress", suppress, persistent=False)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | None = None) -> KVCache:
@@ -88,6 +94,10 @@ class Talker(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., D] -> codebook-0 logits [..., V]."""
         return self.codec_head(hidden)
+
+    def code0_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> float32 logits [..., V] over what codebook 0 may be: its codes and EOS."""
+        return self.logits(hidden).float().masked_fill(self.code0_suppress, float("-inf"))
 
     def predict_residuals(self, hidden: torch.Tensor, code0: torch.Tensor,
                           sample_fn: SampleFn = greedy) -> tuple[torch.Tensor, torch.Tensor]:
