@@ -8,20 +8,6 @@ import sys
 from collections.abc import Sequence
 
 
-def write_wav(path: str, pcm, sample_rate: int) -> None:
-    """Mono float32 [-1, 1] samples -> 16-bit PCM WAV."""
-    import wave
-
-    import numpy as np
-
-    data = (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
-    with wave.open(path, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(sample_rate)
-        f.writeframes(data)
-
-
 def _generate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -54,6 +40,8 @@ def _generate(args: argparse.Namespace) -> int:
                 print(f"[{event.reason}: {u.prompt_tokens} prompt + {u.completion_tokens} "
                       "generated tokens]", file=sys.stderr)
     if speak:
+        from qomni.audio_out import write_wav
+
         pcm = np.concatenate(audio) if audio else np.zeros(0, np.float32)
         write_wav(args.output, pcm, omni.config.code2wav.sample_rate)
         if not args.quiet:

@@ -144,7 +144,9 @@ class Omni:
         `stop`: strings that end the text (cut before them, finish_reason "stop"); the speech
         says exactly the text before them. `speech_stop`: strings where the speech ends while
         the text goes on (e.g. "<tool_call>": a tool call is written, never spoken).
-        `prefix`: an `open_prefix` result whose tokens begin this prompt (one conversation)."""
+        `prefix`: an `open_prefix` result whose tokens begin this prompt (one conversation).
+        Other keywords go to the processor: chat-template variables (`tools`,
+        `enable_thinking`, ...) and `media`, a `MediaPolicy` for this request's media."""
         batched = _is_batch(messages)
         if batched and prefix is not None:
             raise ValueError("prefix= goes with one conversation, not a batch")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import socket
 import threading
 import time
@@ -31,10 +30,3 @@ def serve_in_thread(app) -> tuple[int, callable]:
 
     return port, stop
 
-
-def own_media_rules(omni):
-    """A copy of `omni.processor` with empty media rules, for a second app built over the same
-    Omni: `create_app` sets the processor's rules, and the live server's must stay its own."""
-    processor = copy.copy(omni.processor)
-    processor.media_options = {}
-    return processor

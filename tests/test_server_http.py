@@ -25,18 +25,12 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-from live_server import own_media_rules, serve_in_thread
+from live_server import serve_in_thread
 
 from qomni import Omni
+from qomni.audio_out import encode_audio, pcm16
 from qomni.server import Limits, create_app
-from qomni.server.protocol import (
-    OutputFilter,
-    Reasoning,
-    ReasoningSplitter,
-    encode_audio,
-    parse_tool_calls,
-    pcm16,
-)
+from qomni.server.filters import OutputFilter, Reasoning, ReasoningSplitter, parse_tool_calls
 from qomni.tiny import make_tiny
 
 KEY = "test-key"
@@ -530,7 +524,6 @@ class _Scripted:
     def __init__(self, omni):
         self._omni = omni
         self.calls = []
-        self.processor = own_media_rules(omni)
 
     def __getattr__(self, name):
         return getattr(self._omni, name)
@@ -601,7 +594,6 @@ class _Thinking:
 def test_thinking_reasoning_comes_apart_from_the_answer(live):
     served = _Thinking(live.served)
     served.path = "/models/Qwen3-Omni-30B-A3B-Thinking"  # auto: on for a Thinking checkpoint
-    served.processor = own_media_rules(live.served)
     url, stop = _start(create_app(served, model_name=MODEL))
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)

@@ -18,13 +18,13 @@ websockets = pytest.importorskip("websockets")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-from live_server import own_media_rules, serve_in_thread
+from live_server import serve_in_thread
 from websockets.sync.client import connect
 
 from qomni import Omni
+from qomni.audio_out import pcm16
 from qomni.multimodal.audio import load_audio
 from qomni.server import Limits, create_app
-from qomni.server.protocol import pcm16
 from qomni.server.realtime import VOICE_ASSISTANT_PROMPT
 from qomni.tiny import make_tiny
 
@@ -564,22 +564,10 @@ def test_openai_client_realtime_text(live):
     assert done.response.usage.input_tokens == want.usage.prompt_tokens
 
 
-class _OwnMediaRules:
-    """The served Omni behind a second app: its own processor, so that app's media rules do not
-    change the live server's."""
-
-    def __init__(self, omni):
-        self._omni = omni
-        self.processor = own_media_rules(omni)
-
-    def __getattr__(self, name):
-        return getattr(self._omni, name)
-
-
 def test_realtime_sessions_are_capped(live):
     from websockets.exceptions import InvalidStatus
 
-    app = create_app(_OwnMediaRules(live.served), model_name=MODEL,
+    app = create_app(live.served, model_name=MODEL,
                      limits=Limits(max_realtime_sessions=2))
     url, stop = _start(app)
     base = f"{url}/v1/realtime?model={MODEL}"

@@ -17,7 +17,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 30.0
@@ -190,3 +192,30 @@ def read_media_bytes(src: MediaRef, **kwargs) -> bytes:
     """Like :func:`resolve_media`, but always returns bytes (local files are read)."""
     got = resolve_media(src, **kwargs)
     return got.read_bytes() if isinstance(got, Path) else got
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    """What a caller's media references may name, and how large and long media may be.
+
+    The library default reads local paths anywhere and never fetches URLs; a server builds a
+    stricter one (local paths only under its folder, if any). `max_seconds` caps every audio
+    clip, video and video sound track (None: no cap)."""
+
+    allow_remote: bool = False
+    allow_local: bool = True
+    local_root: Path | None = None
+    max_bytes: int = DEFAULT_MAX_BYTES
+    timeout: float = DEFAULT_TIMEOUT_S
+    max_seconds: float | None = None
+
+    @property
+    def source_options(self) -> dict[str, Any]:
+        """The `resolve_media` keywords of this policy (what the loaders take)."""
+        return {"allow_remote": self.allow_remote, "allow_local": self.allow_local,
+                "local_root": self.local_root, "max_bytes": self.max_bytes,
+                "timeout": self.timeout}
+
+    def read(self, src: MediaRef, name: str) -> bytes:
+        """`read_media_bytes` under this policy."""
+        return read_media_bytes(src, name=name, **self.source_options)

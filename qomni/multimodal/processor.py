@@ -15,6 +15,7 @@ then in placeholder order, which is the order the reference's audio tower and po
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from qomni.models.audio_encoder import window_frames
 from qomni.models.thinker import MediaInputs
 from qomni.multimodal.audio import load_audio, log_mel_features
 from qomni.multimodal.chat import ChatError, Tokenizer, load_chat_template, render_chat
-from qomni.multimodal.media import resolve_media
+from qomni.multimodal.media import MediaPolicy, resolve_media
 from qomni.multimodal.positions import audio_token_count, expand_placeholders, rope_index
 from qomni.multimodal.video import (
     FPS,
@@ -56,17 +57,15 @@ class ProcessedInputs:
 
 
 class Processor:
-    """`media_options` go to the media loaders (allow_remote, local_root, max_bytes, ...);
-    `max_media_seconds` caps every audio clip, video and video sound track (None: no cap)."""
+    """`media`: what media references may name and how large and long media may be, for every
+    call that does not bring its own policy (`__call__(..., media=...)`)."""
 
-    def __init__(self, path: str | Path, config: OmniConfig,
-                 max_media_seconds: float | None = None, **media_options: Any):
+    def __init__(self, path: str | Path, config: OmniConfig, media: MediaPolicy | None = None):
         self.config = config
         self.pre = PreprocessorConfig.from_file(Path(path))
         self.tokenizer = Tokenizer(path)
         self.template = load_chat_template(path)
-        self.media_options = media_options
-        self.max_media_seconds = max_media_seconds
+        self.media = media or MediaPolicy()
 
     def render(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[dict] | None = None,
                add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
@@ -76,15 +75,17 @@ class Processor:
 
     def __call__(self, messages: Sequence[Mapping[str, Any]], *,
                  tools: Sequence[dict] | None = None, use_audio_in_video: bool = False,
-                 **template_kwargs: Any) -> ProcessedInputs:
+                 media: MediaPolicy | None = None, **template_kwargs: Any) -> ProcessedInputs:
+        """`media`: this call's media policy (default: the processor's)."""
+        policy = media or self.media
         parts = media_parts(messages)
         prompt = self.render(messages, tools=tools, **template_kwargs)
         ids = self.tokenizer.encode(prompt)
         inputs = MediaInputs()
         videos = [part for kind, part in parts if kind == "video"]
         # A video file is fetched once, for its frames and (audio in video) its sound track.
-        sources = [self._video_source(part, i) for i, part in enumerate(videos)]
-        slots = self._audio_slots(parts, sources, use_audio_in_video)
+        sources = [self._video_source(part, i, policy) for i, part in enumerate(videos)]
+        slots = self._audio_slots(parts, sources, use_audio_in_video, policy)
         counts: list[int] = []
         if slots:
             inputs.audio_features, inputs.audio_lengths = self._audio([w for _, w in slots])
@@ -93,13 +94,13 @@ class Processor:
         images = [media_source(part, "image") for kind, part in parts if kind == "image"]
         image_grids: list[tuple[int, ...]] = []
         if images:
-            inputs.pixel_values, inputs.image_grid_thw = self._images(images)
+            inputs.pixel_values, inputs.image_grid_thw = self._images(images, policy)
             image_grids = [tuple(g) for g in inputs.image_grid_thw.tolist()]
         video_grids: list[tuple[int, ...]] = []
         spg: list[float] = []
         if videos:
             (inputs.pixel_values_videos, inputs.video_grid_thw,
-             inputs.video_second_per_grid) = self._videos(videos, sources)
+             inputs.video_second_per_grid) = self._videos(videos, sources, policy)
             video_grids = [tuple(g) for g in inputs.video_grid_thw.tolist()]
             spg = inputs.video_second_per_grid.tolist()
         thinker = self.config.thinker
@@ -134,14 +135,15 @@ class Processor:
         margin = -(-(self.pre.n_fft // 2) // self.pre.hop_length)
         return max(frames - margin, 0) // self.audio_window_frames
 
-    def _video_source(self, part: Mapping[str, Any], index: int) -> Any:
+    def _video_source(self, part: Mapping[str, Any], index: int, policy: MediaPolicy) -> Any:
         src = media_source(part, "video")
         if is_frame_list(src):
             return src
-        return resolve_media(src, name=f"video #{index + 1}", **self.media_options)
+        return resolve_media(src, name=f"video #{index + 1}", **policy.source_options)
 
     def _audio_slots(self, parts: list[tuple[str, Mapping[str, Any]]], video_sources: list[Any],
-                     use_audio_in_video: bool) -> list[tuple[str, np.ndarray]]:
+                     use_audio_in_video: bool, policy: MediaPolicy
+                     ) -> list[tuple[str, np.ndarray]]:
         """(kind, 16 kHz waveform) of every audio in placeholder order: standalone clips, and with
         use_audio_in_video each video's sound track where the video stands."""
         rate = self.pre.sampling_rate
@@ -151,12 +153,13 @@ class Processor:
             if kind == "audio":
                 n_audio += 1
                 slots.append((kind, load_audio(media_source(part, kind), sampling_rate=rate,
-                                               max_seconds=self.max_media_seconds,
-                                               name=f"audio #{n_audio}", **self.media_options)))
+                                               max_seconds=policy.max_seconds,
+                                               name=f"audio #{n_audio}",
+                                               **policy.source_options)))
             elif kind == "video":
                 if use_audio_in_video:
                     slots.append((kind, load_video_audio(video_sources[n_video], sampling_rate=rate,
-                                                         max_seconds=self.max_media_seconds,
+                                                         max_seconds=policy.max_seconds,
                                                          name=f"video #{n_video + 1}")))
                 n_video += 1
         return slots
@@ -172,9 +175,11 @@ class Processor:
         valid = torch.cat([feats[i, :, : int(n)] for i, n in enumerate(lengths)], dim=-1)
         return valid, lengths
 
-    def _images(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _images(self, items: list[Any], policy: MediaPolicy
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.pre
-        out = [preprocess_image(src, patch_size=p.patch_size,
+        out = [preprocess_image(self._image_source(src, f"image #{i + 1}", policy),
+                                patch_size=p.patch_size,
                                 temporal_patch_size=p.temporal_patch_size,
                                 merge_size=p.merge_size, min_pixels=p.min_pixels,
                                 max_pixels=p.max_pixels, image_mean=p.image_mean,
@@ -182,7 +187,15 @@ class Processor:
                for i, src in enumerate(items)]
         return torch.cat([o[0] for o in out]), torch.stack([o[1] for o in out])
 
-    def _videos(self, parts: list[Mapping[str, Any]], sources: list[Any]
+    @staticmethod
+    def _image_source(src: Any, name: str, policy: MediaPolicy) -> Any:
+        """A reference (path, URL, base64, bytes) read under the policy; decoded images and
+        arrays as they are."""
+        if isinstance(src, (str, bytes, bytearray, memoryview, os.PathLike)):
+            return resolve_media(src, name=name, **policy.source_options)
+        return src
+
+    def _videos(self, parts: list[Mapping[str, Any]], sources: list[Any], policy: MediaPolicy
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """pixel_values_videos [ΣN_patches, C*T*P*P], video_grid_thw [N_videos, 3] and
         video_second_per_grid [N_videos] (float32, as the reference's processor returns it)."""
@@ -191,7 +204,7 @@ class Processor:
         for i, (part, src) in enumerate(zip(parts, sources)):
             name = f"video #{i + 1}"
             frames, fps = load_video(src, fps=part.get("fps", FPS), name=name,
-                                     max_seconds=self.max_media_seconds)
+                                     max_seconds=policy.max_seconds)
             out.append(preprocess_video(frames, fps, patch_size=p.patch_size,
                                         temporal_patch_size=p.temporal_patch_size,
                                         merge_size=p.merge_size, image_mean=p.image_mean,

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from qomni.server.realtime_config import RealtimeError, TurnDetection, new_id
+from qomni.server.realtime_config import RealtimeError, TurnDetection
+from qomni.server.wire import new_id
 
 MODEL_RATE = 16000  # what the audio encoder takes
 VAD_WINDOW = 512  # samples at 16 kHz: Silero's fixed window (32 ms)

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from qomni.omni import DEFAULT_SPEAKER, Omni
 from qomni.sampling import SamplingParams
+from qomni.server.state import Limits
 
 # The model card's system prompt for voice chat (README "Prompt for Audio-Visual Interaction";
 # web_demo.py uses it whenever it generates audio).
@@ -57,7 +58,8 @@ VOICE_ASSISTANT_PROMPT = (
     "conversational, as if talking face-to-face.")
 
 DIALECTS = ("openai", "beta", "dashscope")
-INPUT_RATES = (16000, 24000)
+OPENAI_PCM_RATE, DASHSCOPE_PCM_RATE = 24000, 16000  # what "pcm16" input means in each
+INPUT_RATES = (DASHSCOPE_PCM_RATE, OPENAI_PCM_RATE)
 
 # GA name -> beta/DashScope name; the rest are the same in every dialect.
 _BETA_NAMES = {
@@ -80,10 +82,6 @@ class RealtimeError(Exception):
                  type: str = "invalid_request_error"):
         super().__init__(message)
         self.message, self.code, self.param, self.type = message, code, param, type
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:20]}"
 
 
 # ---------------------------------------------------------------------------------- dialects
@@ -165,8 +163,13 @@ def _max_tokens(v: Any, name: str, limit: int, default: int) -> int:
 
 def _rate(v: Any, name: str) -> int:
     if v not in INPUT_RATES or isinstance(v, bool):
-        raise RealtimeError(f"{name}: input audio must be PCM16 at 16000 or 24000 Hz", param=name)
+        rates = " or ".join(str(r) for r in INPUT_RATES)
+        raise RealtimeError(f"{name}: input audio must be PCM16 at {rates} Hz", param=name)
     return int(v)
+
+
+def _pcm16_rate(dialect: str | None) -> int:
+    return DASHSCOPE_PCM_RATE if dialect == "dashscope" else OPENAI_PCM_RATE
 
 
 def vad_available() -> bool:
@@ -197,10 +200,11 @@ class TurnDetection:
 
 @dataclass(frozen=True)
 class SessionConfig:
+    output_rate: int  # the vocoder's
     instructions: str = VOICE_ASSISTANT_PROMPT
     output_audio: bool = True
-    voice: str | None = "Ethan"
-    input_rate: int = 24000
+    voice: str | None = DEFAULT_SPEAKER
+    input_rate: int = OPENAI_PCM_RATE
     input_format: str = "pcm16"  # the name the client used, echoed back
     output_format: str = "pcm16"
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
@@ -237,23 +241,24 @@ def _turn_detection(v: Any, current: TurnDetection | None, name: str) -> TurnDet
     return replace(td, **changes)
 
 
-class Settings:
+class SessionParser:
     """Parses session.update / response.create fields (both session shapes) into a new
     SessionConfig; nothing is applied unless everything is valid."""
 
-    def __init__(self, omni: Any, limits: Any):
+    def __init__(self, omni: Omni, limits: Limits):
         self.omni, self.limits = omni, limits
 
     def default(self, dialect: str | None) -> SessionConfig:
         speak = bool(self.omni.model.audio_output)
         return SessionConfig(
-            output_audio=speak, voice="Ethan" if speak else None,
-            input_rate=16000 if dialect == "dashscope" else 24000,
+            output_rate=self.omni.config.code2wav.sample_rate,
+            output_audio=speak, voice=DEFAULT_SPEAKER if speak else None,
+            input_rate=_pcm16_rate(dialect),
             turn_detection=TurnDetection() if vad_available() else None,
             max_tokens=self.limits.default_max_tokens,
             max_image_frames=max(0, min(2, self.limits.max_media_items - 1)))
 
-    def apply(self, cfg: SessionConfig, s: dict[str, Any], dialect: str | None,
+    def parse(self, cfg: SessionConfig, s: dict[str, Any], dialect: str | None,
               prefix: str = "session") -> SessionConfig:
         ch: dict[str, Any] = {}
         if "instructions" in s:
@@ -276,7 +281,8 @@ class Settings:
             if fmt.get("type", "audio/pcm") != "audio/pcm":
                 raise RealtimeError("only 'audio/pcm' (PCM16 mono) input is supported",
                                     param=f"{prefix}.audio.input.format.type")
-            ch["input_rate"] = _rate(fmt.get("rate", 24000), f"{prefix}.audio.input.format.rate")
+            ch["input_rate"] = _rate(fmt.get("rate", OPENAI_PCM_RATE),
+                                     f"{prefix}.audio.input.format.rate")
             ch["input_format"] = "audio/pcm"
         if s.get("input_audio_format") is not None:
             name = s["input_audio_format"]
@@ -284,20 +290,21 @@ class Settings:
                 raise RealtimeError("input_audio_format: only 'pcm16' (PCM16 mono) is supported",
                                     param=f"{prefix}.input_audio_format")
             ch["input_format"] = name
-            ch["input_rate"] = 16000 if dialect == "dashscope" else 24000
+            ch["input_rate"] = _pcm16_rate(dialect)
         if s.get("input_audio_sample_rate") is not None:
             ch["input_rate"] = _rate(s["input_audio_sample_rate"],
                                      f"{prefix}.input_audio_sample_rate")
         out_fmt = s.get("output_audio_format")
         if out_fmt is not None:
             if out_fmt not in ("pcm16", "pcm24", "pcm"):
-                raise RealtimeError("output_audio_format: speech is PCM16 at 24 kHz ('pcm16')",
-                                    param=f"{prefix}.output_audio_format")
+                raise RealtimeError(f"output_audio_format: speech is PCM16 at {cfg.output_rate} "
+                                    "Hz ('pcm16')", param=f"{prefix}.output_audio_format")
             ch["output_format"] = out_fmt
         if a_out.get("format") is not None:
             fmt = check_dict(a_out["format"], f"{prefix}.audio.output.format")
-            if fmt.get("type", "audio/pcm") != "audio/pcm" or fmt.get("rate", 24000) != 24000:
-                raise RealtimeError("speech is 'audio/pcm' at 24000 Hz",
+            rate = fmt.get("rate", cfg.output_rate)
+            if fmt.get("type", "audio/pcm") != "audio/pcm" or rate != cfg.output_rate:
+                raise RealtimeError(f"speech is 'audio/pcm' at {cfg.output_rate} Hz",
                                     param=f"{prefix}.audio.output.format")
         for key, where in (("turn_detection", s), ("turn_detection", a_in)):
             if key in where:
@@ -334,7 +341,7 @@ class Settings:
             raise RealtimeError("this model cannot produce audio (no talker loaded); use the "
                                 "'text' modality", param=f"{prefix}.modalities")
         if new.output_audio and new.voice is None:
-            new = replace(new, voice="Ethan")
+            new = replace(new, voice=DEFAULT_SPEAKER)
         return new
 
     def _voice(self, v: Any, name: str) -> str:
@@ -363,7 +370,7 @@ def session_json(c: SessionConfig, dialect: str | None, session_id: str, model_n
     ga = {"type": "realtime", "output_modalities": ["audio"] if c.output_audio else ["text"],
           "audio": {"input": {"format": {"type": "audio/pcm", "rate": c.input_rate},
                               "turn_detection": td},
-                    "output": {"format": {"type": "audio/pcm", "rate": 24000},
+                    "output": {"format": {"type": "audio/pcm", "rate": c.output_rate},
                                "voice": c.voice}},
           "max_output_tokens": c.max_tokens}
     beta = {"modalities": ["text", "audio"] if c.output_audio else ["text"],
@@ -376,7 +383,7 @@ def session_json(c: SessionConfig, dialect: str | None, session_id: str, model_n
     return {**common, **(ga if dialect == "openai" else beta)}
 
 
-def sampling_kwargs(cfg: SessionConfig) -> dict[str, Any]:
+def generate_kwargs(cfg: SessionConfig) -> dict[str, Any]:
     """SessionConfig -> Omni.astream keywords (a greedy thinker unless temperature > 0)."""
     kw: dict[str, Any] = {"max_new_tokens": cfg.max_tokens, "return_audio": cfg.output_audio,
                           "seed": cfg.seed}

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from qomni.multimodal.audio import load_audio
-from qomni.multimodal.media import MediaError
+from qomni.multimodal.media import MediaError, MediaPolicy
 from qomni.server.realtime_audio import MODEL_RATE
-from qomni.server.realtime_config import RealtimeError, check_dict, decode_b64, new_id
+from qomni.server.realtime_config import RealtimeError, check_dict, decode_b64
+from qomni.server.wire import new_id
 
 
 @dataclass
@@ -86,7 +87,8 @@ def decode_image(v: Any, name: str, max_bytes: int) -> bytes:
     return data
 
 
-def item_from_event(it: Any, pending_images: list[bytes], input_rate: int, limits: Any) -> Item:
+def item_from_event(it: Any, pending_images: list[bytes], input_rate: int, media: MediaPolicy
+                    ) -> Item:
     """The item of a `conversation.item.create`; a user item starts with the pending
     `input_image_buffer` frames."""
     it = check_dict(it, "item")
@@ -120,12 +122,12 @@ def item_from_event(it: Any, pending_images: list[bytes], input_rate: int, limit
             try:
                 audio.append(load_audio(
                     (np.frombuffer(data, "<i2"), input_rate), sampling_rate=MODEL_RATE,
-                    max_seconds=limits.max_media_seconds, name=f"{name}.audio"))
+                    max_seconds=media.max_seconds, name=f"{name}.audio"))
             except MediaError as e:
                 raise RealtimeError(str(e), param=f"{name}.audio", code="invalid_media") from None
         elif kind == "input_image" and role == "user":
             images.append(decode_image(c.get("image_url") or c.get("image"),
-                                       f"{name}.image_url", limits.max_media_bytes))
+                                       f"{name}.image_url", media.max_bytes))
         else:
             raise RealtimeError(f"{name}.type {kind!r} is not supported in a {role} item",
                                 param=f"{name}.type", code="unsupported")

@@ -1,0 +1,137 @@
+"""What one server is, fixed when `create_app` builds it: the `Omni` it serves, its `Limits`, its
+media policy, its key; and the little it keeps while it runs (admission count, metrics, the
+transcripts of audio replies). Routes reach it as `request.app.state.qomni`."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.requests import HTTPConnection
+
+from qomni.events import AudioChunk, Finished, TextDelta
+from qomni.multimodal.media import MediaPolicy
+from qomni.omni import Omni
+from qomni.server.wire import APIError
+
+AUDIO_TTL_S = 3600  # how long an audio id's transcript is kept for later turns (expires_at)
+MAX_TRANSCRIPTS = 4096
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = 64 * 1024 * 1024  # the whole HTTP body (base64 media included)
+    max_media_items: int = 16  # media parts per request
+    max_media_bytes: int = 48 * 1024 * 1024  # one decoded media item
+    max_media_seconds: float = 600.0  # one audio or video item's duration
+    media_timeout_s: float = 30.0  # one remote download
+    max_tokens: int = 8192  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 1024  # when the request gives none (Omni.generate's default)
+    max_pending: int = 64  # requests queued or running; more get 503
+    max_realtime_sessions: int = 32  # open realtime sockets; more are refused with 503
+
+    def media_policy(self, *, allow_remote: bool, local_root: Any) -> MediaPolicy:
+        """The server's media rules: remote URLs only when allowed, local paths only under
+        `local_root` (none at all without it), sizes and durations capped."""
+        return MediaPolicy(allow_remote=allow_remote, allow_local=local_root is not None,
+                           local_root=local_root, max_bytes=self.max_media_bytes,
+                           timeout=self.media_timeout_s, max_seconds=self.max_media_seconds)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("qomni_requests", "HTTP requests", ["endpoint", "status"],
+                                registry=r)
+        self.running = Gauge("qomni_requests_running", "chat completions in progress",
+                             registry=r)
+        self.prompt_tokens = Counter("qomni_prompt_tokens", "prompt tokens processed", registry=r)
+        self.completion_tokens = Counter("qomni_completion_tokens", "text tokens generated",
+                                         registry=r)
+        self.audio_frames = Counter("qomni_audio_frames", "codec frames (80 ms each) sent",
+                                    registry=r)
+        buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+        self.ttft = Histogram("qomni_time_to_first_token_seconds", "request to first text token",
+                              buckets=buckets, registry=r)
+        self.ttfa = Histogram("qomni_time_to_first_audio_seconds", "request to first audio chunk",
+                              buckets=buckets, registry=r)
+        self.latency = Histogram("qomni_request_duration_seconds", "chat completion duration",
+                                 buckets=buckets, registry=r)
+
+
+class Transcripts:
+    """What each audio reply said, by its audio id, so a later turn can cite the id (OpenAI's
+    `{"role": "assistant", "audio": {"id": ...}}`); kept for AUDIO_TTL_S."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[str, tuple[float, str]] = OrderedDict()
+
+    def get(self, audio_id: str) -> str | None:
+        now = time.time()
+        while self._items and next(iter(self._items.values()))[0] < now:
+            self._items.popitem(last=False)
+        got = self._items.get(audio_id)
+        return got[1] if got else None
+
+    def remember(self, audio_id: str, text: str) -> int:
+        """Keep `text` for `audio_id`; returns when it expires (unix seconds)."""
+        expires = int(time.time()) + AUDIO_TTL_S
+        self._items[audio_id] = (expires, text)
+        while len(self._items) > MAX_TRANSCRIPTS:
+            self._items.popitem(last=False)
+        return expires
+
+
+class Admission:
+    """At most `max_pending` requests queued or running (more get 503); each streams from
+    `Omni.astream`, whose engine batches it with the others (continuous batching: requests
+    join and leave between steps). A consumer that goes away (client disconnect, cancelled
+    task) closes its stream, which aborts the request and frees its cache rows."""
+
+    def __init__(self, omni: Omni, max_pending: int):
+        self.omni = omni
+        self.max_pending = max_pending
+        self.pending = 0
+
+    async def stream(self, messages: list[dict], kwargs: dict[str, Any]
+                     ) -> AsyncIterator[TextDelta | AudioChunk | Finished]:
+        if self.pending >= self.max_pending:
+            raise APIError(503, f"server busy ({self.pending} requests pending); retry later",
+                           code="server_busy")
+        self.pending += 1
+        try:
+            async with contextlib.aclosing(self.omni.astream(messages, **kwargs)) as evs:
+                async for ev in evs:
+                    yield ev
+        finally:
+            self.pending -= 1
+
+
+@dataclass
+class AppState:
+    omni: Omni
+    name: str  # the model id clients send
+    limits: Limits
+    media: MediaPolicy
+    api_key: str | None
+    reasoning: bool  # answer with reasoning_content apart from content
+    admission: Admission
+    metrics: Metrics = field(default_factory=Metrics)
+    transcripts: Transcripts = field(default_factory=Transcripts)
+    created: int = field(default_factory=lambda: int(time.time()))
+    realtime_sessions: int = 0  # open realtime sockets
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "qomni"}
+
+
+def app_state(conn: HTTPConnection | FastAPI) -> AppState:
+    """The state of the app serving `conn` (a request or a WebSocket), or of `app`."""
+    app = conn if isinstance(conn, FastAPI) else conn.app
+    return app.state.qomni
