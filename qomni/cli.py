@@ -97,9 +97,15 @@ def _make_tiny(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import json
 
-    from qomni.benchmark import format_report, run
+    from qomni.bench import run
+    from qomni.bench.report import format_report
+    from qomni.bench.setup import DEFAULT, QUICK, Load, bench_config
 
-    results = run(args.model, dtype=args.dtype, device=args.device, quick=args.quick,
+    if args.print_config:
+        print(json.dumps(bench_config(), indent=2))
+        return 0
+    settings = (QUICK if args.quick else DEFAULT).changed(args.set)
+    results = run(args.model, settings=settings, load=Load(dtype=args.dtype, device=args.device),
                   vs_transformers=args.vs_transformers)
     print(format_report(results))
     if args.json:
@@ -171,9 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "fp32 on CPU)")
     b.add_argument("--device", help="cpu | cuda | cuda:N")
     b.add_argument("--quick", action="store_true", help="small prompt, few steps (a smoke run)")
+    b.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="change one setting of the run, e.g. --set decode_tokens=32 or "
+                        "--set batches=1,2 (an unknown NAME lists them all)")
     b.add_argument("--vs-transformers", action="store_true",
                    help="also run the same checkpoint through transformers and print ratios")
     b.add_argument("--json", metavar="PATH", help="also save all results as JSON")
+    b.add_argument("--print-config", action="store_true",
+                   help="print the default benchmark model's config.json and exit")
     b.set_defaults(func=_bench)
     return parser
 

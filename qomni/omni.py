@@ -61,6 +61,11 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None: the GPU when there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """None: bfloat16 on CUDA (the checkpoint's dtype), float32 on CPU (where bf16 single-token
     matmuls are slower than fp32)."""
@@ -98,7 +103,7 @@ class Omni:
         audio is not encoded again)."""
         path = resolve_model_path(model)
         cfg = OmniConfig.from_hf(path)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         if audio_output and not cfg.has_audio_output:
             raise ValueError(f"{path} has no talker (a Thinking or Captioner checkpoint, "

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,18 +238,33 @@ def make_tiny(dest: str | Path, config: dict[str, Any] | None = None, seed: int 
     return dest
 
 
-def demo_checkpoint() -> Path:
-    """The tiny demo checkpoint in the user cache, made on first use."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qomni"
-    path = cache / f"tiny-demo-{DEMO_VERSION}"
+def user_cache() -> Path:
+    """qomni's folder in the user cache ($XDG_CACHE_HOME, else ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qomni"
+
+
+def cached_checkpoint(path: Path, build: Callable[[Path], object]) -> Path:
+    """`path`, made by `build(dir)` on first use: built beside it, then moved in, so a crashed or
+    concurrent build is never seen half-written."""
     if not (path / "config.json").exists():
-        print(f"qomni: making the tiny random demo checkpoint in {path} ...", file=sys.stderr)
-        tmp = cache / f"tiny-demo.tmp{os.getpid()}"
-        make_tiny(tmp)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        build(tmp)
         if path.exists():  # another process finished first
             shutil.rmtree(tmp)
         else:
             tmp.replace(path)
+    return path
+
+
+def demo_checkpoint() -> Path:
+    """The tiny demo checkpoint in the user cache, made on first use."""
+    path = user_cache() / f"tiny-demo-{DEMO_VERSION}"
+
+    def build(tmp: Path) -> None:
+        print(f"qomni: making the tiny random demo checkpoint in {path} ...", file=sys.stderr)
+        make_tiny(tmp)
+
+    cached_checkpoint(path, build)
     print("qomni: WARNING: using the tiny demo checkpoint with RANDOM weights; its output is "
           "noise. Pass --model DIR for a real Qwen3-Omni checkpoint.", file=sys.stderr)
     return path
