@@ -2,7 +2,8 @@
 
 from qomni.events import AudioChunk, Finished, GenerateOutput, TextDelta, Usage
 from qomni.omni import Omni
+from qomni.options import GenerateOptions
 from qomni.sampling import SamplingParams
 
-__all__ = ["AudioChunk", "Finished", "GenerateOutput", "Omni", "SamplingParams", "TextDelta",
-           "Usage"]
+__all__ = ["AudioChunk", "Finished", "GenerateOptions", "GenerateOutput", "Omni", "SamplingParams",
+           "TextDelta", "Usage"]

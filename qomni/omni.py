@@ -23,11 +23,12 @@ from qomni.engine.loop import EngineLoop
 from qomni.engine.request import Prefix, Request, new_speech
 from qomni.engine.speech import code_predictor_sampling, talker_sampling_defaults
 from qomni.events import AudioChunk, Finished, GenerateOutput, TextDelta
-from qomni.models.audio_encoder import audio_token_count
 from qomni.models.omni import OmniModel
 from qomni.models.packed_linear import pack_linears
 from qomni.multimodal.chat import StreamDecoder
-from qomni.multimodal.processor import ProcessedInputs, Processor, media_parts
+from qomni.multimodal.processor import ProcessedInputs, Processor
+from qomni.options import GenerateOptions
+from qomni.prefix import PromptPrefix, history_inputs, partial_turn_inputs
 from qomni.sampling import GREEDY, Sampler, SamplingParams
 from qomni.weights import load_weights, meta_parameters
 
@@ -136,29 +137,18 @@ class Omni:
     # -- generation -----------------------------------------------------------------------------
 
     def generate(self, messages: Conversation | Sequence[Conversation], *,
-                 max_new_tokens: int = 1024, sampling: SamplingParams | None = None,
-                 talker_sampling: SamplingParams | None = None, speaker: str | None = None,
-                 return_audio: bool | None = None, max_audio_frames: int | None = None,
-                 use_audio_in_video: bool = False, seed: int | None = None,
-                 stop: Sequence[str] = (), speech_stop: Sequence[str] = (),
-                 prefix: PromptPrefix | None = None,
-                 **template_kwargs: Any) -> GenerateOutput | list[GenerateOutput]:
-        """Answer one conversation (or a list of them, run as a batch). With speech output, also
-        returns `audio` (float32, 24 kHz) and `codes` [num_code_groups, frames].
-
-        `stop`: strings that end the text (cut before them, finish_reason "stop"); the speech
-        says exactly the text before them. `speech_stop`: strings where the speech ends while
-        the text goes on (e.g. "<tool_call>": a tool call is written, never spoken).
-        `prefix`: an `open_prefix` result whose tokens begin this prompt (one conversation).
-        Other keywords go to the processor: chat-template variables (`tools`,
-        `enable_thinking`, ...) and `media`, a `MediaPolicy` for this request's media."""
+                 options: GenerateOptions | None = None,
+                 **kwargs: Any) -> GenerateOutput | list[GenerateOutput]:
+        """Answer one conversation (or a list of them, run as a batch). The parameters are
+        `GenerateOptions`' fields, as keywords (max_new_tokens=..., sampling=..., ...) or as
+        `options=` (keywords then change some of its values). With speech output, also returns
+        `audio` (float32, 24 kHz) and `codes` [num_code_groups, frames]."""
+        opts = GenerateOptions.build(options, "generate", **kwargs)
         batched = _is_batch(messages)
-        if batched and prefix is not None:
+        if batched and opts.prefix is not None:
             raise ValueError("prefix= goes with one conversation, not a batch")
         convs = list(messages) if batched else [messages]
-        reqs = [self._request(c, max_new_tokens, sampling, talker_sampling, speaker,
-                              return_audio, max_audio_frames, use_audio_in_video, seed, stop,
-                              speech_stop, prefix, template_kwargs) for c in convs]
+        reqs = [self._request(c, opts) for c in convs]
         inbox: queue.Queue = queue.Queue()
         loop = self._loop()
         for req in reqs:
@@ -178,14 +168,14 @@ class Omni:
         outs = [self._output(r, audio[r.id]) for r in reqs]
         return outs if batched else outs[0]
 
-    def stream(self, messages: Conversation, **kwargs: Any
-               ) -> Iterator[TextDelta | AudioChunk | Finished]:
+    def stream(self, messages: Conversation, *, options: GenerateOptions | None = None,
+               **kwargs: Any) -> Iterator[TextDelta | AudioChunk | Finished]:
         """Same arguments as generate(), one conversation. Yields TextDelta as text is decoded
         and AudioChunk as speech is vocoded (the first audio long before the text ends), then one
         Finished. Closing the iterator early aborts the request and frees what it holds."""
         if _is_batch(messages):
             raise ValueError("stream() takes one conversation; use generate() for a batch")
-        req = self._request_from(messages, kwargs)
+        req = self._request(messages, GenerateOptions.build(options, "stream", **kwargs))
         inbox: queue.Queue = queue.Queue()
         loop = self._loop()
         loop.submit(req, inbox.put)
@@ -201,13 +191,14 @@ class Omni:
             if not req.finished:
                 loop.abort(req)
 
-    async def astream(self, messages: Conversation, **kwargs: Any
-                      ) -> AsyncIterator[TextDelta | AudioChunk | Finished]:
+    async def astream(self, messages: Conversation, *, options: GenerateOptions | None = None,
+                      **kwargs: Any) -> AsyncIterator[TextDelta | AudioChunk | Finished]:
         """stream() for asyncio: the model runs on the engine thread, never on the event loop.
         Cancelling the consumer aborts the request."""
         if _is_batch(messages):
             raise ValueError("astream() takes one conversation")
-        req = await asyncio.to_thread(self._request_from, messages, kwargs)
+        opts = GenerateOptions.build(options, "astream", **kwargs)
+        req = await asyncio.to_thread(self._request, messages, opts)
         inbox: asyncio.Queue = asyncio.Queue()
         aio = asyncio.get_running_loop()
         loop = self._loop()
@@ -225,118 +216,62 @@ class Omni:
                 loop.abort(req)
 
     def open_prefix(self, messages: Conversation, *, partial: bool = False,
-                    replaces: PromptPrefix | None = None, use_audio_in_video: bool = False,
-                    **template_kwargs: Any) -> PromptPrefix:
+                    replaces: PromptPrefix | None = None,
+                    options: GenerateOptions | None = None, **kwargs: Any) -> PromptPrefix:
         """Prefill the beginning of a prompt now, before the request exists. Pass the result as
         `prefix=` to the request whose prompt continues it: the tokens its prompt shares with
         the prefix's start (same ids, positions and input embeddings, token by token) are not
-        prefilled again, the rest is, so the result never depends on the prefix. A prefix holds a cache row until a request takes it
-        over, `close()`, or a request that needs the row (a prefix never makes requests wait).
+        prefilled again, the rest is, so the result never depends on the prefix. A prefix holds
+        a cache row until a request takes it over, `close()`, or a request that needs the row
+        (a prefix never makes requests wait).
 
         `messages`: the conversation so far (e.g. while the user speaks the next turn); with
         `partial`, its last message is a user turn still arriving, whose last part is the audio
         received so far: the prefix then ends with that audio's finished encoder windows.
         `replaces`: an earlier prefix of the same prompt (the turn with less audio): this one
-        takes over its row and keeps what they share; the earlier one is closed either way."""
+        takes over its row and keeps what they share; the earlier one is closed either way.
+        `options` / keywords: the request's `GenerateOptions`; the prompt is rendered as that
+        request renders it (use_audio_in_video, tools, enable_thinking, chat_template_kwargs)."""
         if _is_batch(messages):
             raise ValueError("open_prefix() takes one conversation")
         if replaces is not None and not isinstance(replaces, PromptPrefix):
             raise ValueError("replaces must come from Omni.open_prefix, "
                              f"got {type(replaces).__name__}")
+        template = GenerateOptions.build(options, "open_prefix", **kwargs).template_kwargs()
+
+        def process(conv: Conversation, **kw: Any) -> ProcessedInputs:
+            return self.processor(conv, **template, **kw)
+
         if partial:
-            inputs = self._partial_turn(messages, use_audio_in_video, template_kwargs)
+            inputs = partial_turn_inputs(process, self.processor, messages)
         else:
-            # Rendered with a next user turn after it, then cut where that turn starts: the
-            # template renders a message differently once a user turn follows it (an
-            # assistant reply after the last user query keeps its think block).
-            probe = self.process([*messages, {"role": "user", "content": "."}],
-                                 use_audio_in_video, add_generation_prompt=False,
-                                 **template_kwargs)
-            starts = torch.nonzero(probe.input_ids == self.config.tokens.im_start).flatten()
-            n = int(starts[-1])
-            inputs = dataclasses.replace(probe, input_ids=probe.input_ids[:n],
-                                         positions=probe.positions[:, :n], prompt="")
+            inputs = history_inputs(process, messages, self.config.tokens.im_start)
         prefix = Prefix(inputs, capture=self.model.audio_output,
                         base=replaces.prefix if replaces is not None else None)
         loop = self._loop()
         loop.open_prefix(prefix)
         return PromptPrefix(prefix, loop)
 
-    def _partial_turn(self, messages: Conversation, use_audio_in_video: bool,
-                      template_kwargs: dict[str, Any]) -> ProcessedInputs:
-        """The prompt up to the finished windows of the audio still arriving (the last part of
-        the last message). A window is finished once the audio reaches past its last STFT
-        frame: its log-mel frames, hence its embeddings, are then what the whole turn will give
-        (unless a louder moment later raises the -8 floor of the log-mel: the prefix then
-        differs and the request prefills everything, see `log_mel_features`)."""
-        parts = media_parts(messages)
-        last = messages[-1].get("content") if messages else None
-        if (not parts or parts[-1][0] != "audio" or not isinstance(last, Sequence)
-                or isinstance(last, str) or not last or last[-1] is not parts[-1][1]):
-            raise ValueError("open_prefix(partial=True): the last message must end with the "
-                             "audio part still arriving")
-        full = self.process(messages, use_audio_in_video, add_generation_prompt=False,
-                            **template_kwargs)
-        media = full.media
-        lengths = media.audio_lengths
-        frames = int(lengths[-1])
-        keep = self.processor.finished_audio_windows(frames) * self.processor.audio_window_frames
-        tokens = audio_token_count(keep, self.config.thinker.audio.n_window)
-        start = int(torch.nonzero(full.input_ids == self.config.tokens.audio_start)[-1]) + 1
-        cut = start + tokens
-        kept = media.audio_features.shape[-1] - frames + keep  # frames of all audios kept
-        if keep:
-            lengths = torch.cat([lengths[:-1], lengths.new_tensor([keep])])
-        else:
-            lengths = lengths[:-1]
-        media = dataclasses.replace(
-            media, audio_features=media.audio_features[:, :kept] if len(lengths) else None,
-            audio_lengths=lengths if len(lengths) else None)
-        return dataclasses.replace(full, input_ids=full.input_ids[:cut],
-                                   positions=full.positions[:, :cut], prompt="", media=media)
-
     # -- helpers --------------------------------------------------------------------------------
 
-    def _request_from(self, messages: Conversation, kwargs: dict[str, Any]) -> Request:
-        names = ("max_new_tokens", "sampling", "talker_sampling", "speaker", "return_audio",
-                 "max_audio_frames", "use_audio_in_video", "seed", "stop", "speech_stop",
-                 "prefix")
-        defaults = {"max_new_tokens": 1024, "sampling": None, "talker_sampling": None,
-                    "speaker": None, "return_audio": None, "max_audio_frames": None,
-                    "use_audio_in_video": False, "seed": None, "stop": (), "speech_stop": (),
-                    "prefix": None}
-        args = {k: kwargs.pop(k, defaults[k]) for k in names}
-        return self._request(messages, template_kwargs=kwargs, **args)
-
-    def _request(self, conv: Conversation, max_new_tokens: int, sampling: SamplingParams | None,
-                 talker_sampling: SamplingParams | None, speaker: str | None,
-                 return_audio: bool | None, max_audio_frames: int | None,
-                 use_audio_in_video: bool, seed: int | None, stop: Sequence[str],
-                 speech_stop: Sequence[str], prefix: PromptPrefix | None,
-                 template_kwargs: dict[str, Any]) -> Request:
-        if prefix is not None and not isinstance(prefix, PromptPrefix):
-            raise ValueError(f"prefix must come from Omni.open_prefix, got {type(prefix).__name__}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        stop, speech_stop = _strings("stop", stop), _strings("speech_stop", speech_stop)
-        speak, speaker_id = self._audio_request(return_audio, speaker)
-        inputs = self.process(conv, use_audio_in_video, **template_kwargs)
-        params = _seeded(sampling or GREEDY, seed)
+    def _request(self, conv: Conversation, opts: GenerateOptions) -> Request:
+        speak, speaker_id = self._audio_request(opts.return_audio, opts.speaker)
+        inputs = self.processor(conv, **opts.template_kwargs())
         speech = None
         if speak:
-            talker = _seeded(talker_sampling or talker_sampling_defaults(self.generation_config),
-                             seed)
-            if max_audio_frames is None:  # the reference's cap counts the final EOS step too
-                max_audio_frames = int(self.generation_config.get("talker_max_new_tokens",
-                                                                  4096)) - 1
-            if max_audio_frames < 1:
-                raise ValueError(f"max_audio_frames must be >= 1, got {max_audio_frames}")
-            speech = new_speech(speaker_id, talker, code_predictor_sampling(talker),
-                                max_audio_frames, self.device)
-        return Request(inputs, Sampler([params], self.device), max_new_tokens,
-                       StreamDecoder(self.tokenizer), speech, stop_strings=stop,
-                       speech_stops=speech_stop,
-                       prefix=prefix.prefix if prefix is not None else None)
+            talker = _seeded(opts.talker_sampling
+                             or talker_sampling_defaults(self.generation_config), opts.seed)
+            frames = opts.max_audio_frames
+            if frames is None:  # the reference's cap counts the final EOS step too
+                frames = max(1, int(self.generation_config.get("talker_max_new_tokens",
+                                                               4096)) - 1)
+            speech = new_speech(speaker_id, talker, code_predictor_sampling(talker), frames,
+                                self.device)
+        params = _seeded(opts.sampling or GREEDY, opts.seed)
+        return Request(inputs, Sampler([params], self.device), opts.max_new_tokens,
+                       StreamDecoder(self.tokenizer), speech, stop_strings=opts.stop,
+                       speech_stops=opts.speech_stop,
+                       prefix=opts.prefix.prefix if opts.prefix is not None else None)
 
     def _output(self, req: Request, audio: list[np.ndarray]) -> GenerateOutput:
         ids = req.text_ids()
@@ -380,31 +315,6 @@ class Omni:
                 self.config.talker.speaker(speaker)  # still reject unknown voices
             return False, -1
         return True, self.config.talker.speaker(speaker or DEFAULT_SPEAKER)
-
-
-class PromptPrefix:
-    """A prompt beginning being prefilled by the engine (see `Omni.open_prefix`)."""
-
-    def __init__(self, prefix: Prefix, loop: EngineLoop):
-        self.prefix, self._loop = prefix, loop
-
-    def __len__(self) -> int:
-        return len(self.prefix.inputs)
-
-    @property
-    def ready(self) -> bool:
-        return self.prefix.ready and not self.prefix.closed
-
-    def close(self) -> None:
-        """Free its cache row now (a no-op once a request took it over)."""
-        self._loop.close_prefix(self.prefix)
-
-
-def _strings(name: str, value: Sequence[str]) -> tuple[str, ...]:
-    values = (value,) if isinstance(value, str) else tuple(value)
-    if not all(isinstance(v, str) and v for v in values):
-        raise ValueError(f"{name} must be non-empty strings, got {value!r}")
-    return values
 
 
 def _seeded(params: SamplingParams, seed: int | None) -> SamplingParams:

@@ -17,13 +17,21 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy. top_k 0 and top_p 1.0 mean "off"."""
+    """temperature 0 means greedy. top_k 0 and top_p 1.0 mean "off".
+
+    As vLLM defines them: `ignore_eos` never stops at an end-of-sequence token (the thinker
+    goes on to max_new_tokens; such tokens are generated and kept, never shown as text);
+    `min_tokens` makes those tokens impossible (and stop strings unmatched) until that many
+    tokens exist. For the talker both count codec frames and suppress its EOS code (a frame
+    can never be EOS), so speech runs to max_audio_frames, or at least min_tokens frames."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -34,6 +42,11 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if type(self.ignore_eos) is not bool:
+            raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) \
+                or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
 
     @property
     def greedy(self) -> bool:

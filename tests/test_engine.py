@@ -342,3 +342,99 @@ def test_earlier_audio_is_encoded_once(omni):
     next_turn = [*history, {"role": "user", "content": "And now?"}]
     omni.generate(next_turn, max_new_tokens=2, return_audio=False)
     assert cache.hits == hits + 2  # both windows of the 2.5 s clip
+
+
+# ------------------------------------------------------------------ fixed lengths
+
+
+def _always(monkeypatch, module, name, token):
+    """Make `module.name` (a logits function) always prefer `token`, as a model that wants to
+    stop at once would."""
+    original = getattr(module, name)
+
+    def biased(hidden):
+        logits = original(hidden).clone()
+        logits[..., token] += 1e4
+        return logits
+
+    monkeypatch.setattr(module, name, biased)
+
+
+def test_ignore_eos_runs_to_max_new_tokens(omni, monkeypatch):
+    _always(monkeypatch, omni.model.thinker, "logits", omni.config.tokens.im_end)
+    eos_at_once = omni.generate(HELLO, max_new_tokens=7, return_audio=False)
+    assert eos_at_once.token_ids == [] and eos_at_once.finish_reason == "stop"
+    out = omni.generate(HELLO, max_new_tokens=7, return_audio=False,
+                        sampling=SamplingParams(temperature=0, ignore_eos=True))
+    assert out.finish_reason == "length" and out.usage.completion_tokens == 7
+    assert out.token_ids == [omni.config.tokens.im_end] * 7 and out.text == ""
+
+
+def test_min_tokens_holds_back_an_early_stop(omni, monkeypatch):
+    _always(monkeypatch, omni.model.thinker, "logits", omni.config.tokens.im_end)
+    out = omni.generate(HELLO, max_new_tokens=9, return_audio=False,
+                        sampling=SamplingParams(temperature=0, min_tokens=4))
+    assert out.finish_reason == "stop" and len(out.token_ids) == 4
+    assert omni.config.tokens.im_end not in out.token_ids
+    # the same four tokens, batched with a request that stops at once
+    both = omni.generate([HELLO, STORY], max_new_tokens=9, return_audio=False,
+                         sampling=SamplingParams(temperature=0, min_tokens=4))
+    assert both[0].token_ids == out.token_ids and len(both[1].token_ids) == 4
+
+
+def test_fixed_lengths_without_a_forced_stop(omni):
+    out = omni.generate(STORY, max_new_tokens=11, return_audio=False,
+                        sampling=SamplingParams(temperature=0, ignore_eos=True, min_tokens=11))
+    assert out.finish_reason == "length" and len(out.token_ids) == 11
+    assert out.token_ids == omni.generate(STORY, max_new_tokens=11,
+                                          return_audio=False).token_ids
+
+
+def test_talker_min_tokens_and_ignore_eos_count_frames(omni, monkeypatch):
+    _always(monkeypatch, omni.model.talker, "code0_logits", omni.config.talker.codec_eos_token_id)
+    kw = {"max_new_tokens": 6, "max_audio_frames": 9}
+    assert omni.generate(STORY, talker_sampling=GREEDY_TALKER, **kw).codes.shape[1] == 0
+    held = omni.generate(STORY, **kw, talker_sampling=SamplingParams(
+        temperature=0, repetition_penalty=1.05, min_tokens=3))
+    assert held.codes.shape[1] == 3 and held.audio.size > 0
+    full = omni.generate(STORY, **kw, talker_sampling=SamplingParams(
+        temperature=0, repetition_penalty=1.05, ignore_eos=True))
+    assert full.codes.shape[1] == 9
+    assert torch.equal(full.codes[:, :3], held.codes)
+
+
+# ------------------------------------------------------------------ options
+
+
+def test_options_object_equals_keywords(omni):
+    from qomni import GenerateOptions
+
+    kw = {"max_new_tokens": 5, "max_audio_frames": 6, "talker_sampling": GREEDY_TALKER}
+    want = omni.generate(STORY, **kw)
+    opts = GenerateOptions(**kw)
+    got = omni.generate(STORY, options=opts)
+    assert got.token_ids == want.token_ids and torch.equal(got.codes, want.codes)
+    # keywords change what the options say
+    shorter = omni.generate(STORY, options=opts, max_new_tokens=3, return_audio=False)
+    assert shorter.token_ids == want.token_ids[:3] and shorter.audio is None
+    _, ids, _, _, _ = collect(omni.stream(STORY, options=opts))
+    assert ids == want.token_ids
+
+
+def test_unknown_keywords_are_type_errors_naming_them(omni):
+    with pytest.raises(TypeError, match="max_tokens"):
+        omni.generate(HELLO, max_tokens=3)
+    with pytest.raises(TypeError, match="temperature"):
+        list(omni.stream(HELLO, temperature=0.5))
+    with pytest.raises(TypeError, match="options"):
+        omni.generate(HELLO, options={"max_new_tokens": 3})
+
+
+def test_template_options_reach_the_chat_template(omni):
+    plain = omni.generate(HELLO, max_new_tokens=2, return_audio=False)
+    closed = omni.generate(HELLO, max_new_tokens=2, return_audio=False,
+                           chat_template_kwargs={"enable_thinking": False})
+    want = len(omni.process(HELLO, enable_thinking=False))
+    assert closed.usage.prompt_tokens == want != plain.usage.prompt_tokens
+    with pytest.raises(ValueError, match="chat_template_kwargs"):
+        omni.generate(HELLO, max_new_tokens=2, chat_template_kwargs={"tools": []})

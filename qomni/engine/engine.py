@@ -262,11 +262,16 @@ class Engine:
 
     def _accept(self, reqs: list[Request], logits: torch.Tensor) -> None:
         """Sample each request's next token from logits [n, V] and record it."""
+        early = [i for i, r in enumerate(reqs) if len(r.tokens) < r.params.min_tokens]
+        if early:  # min_tokens: no stop token yet
+            logits = logits.clone()
+            logits[torch.tensor(early, device=logits.device)[:, None], self.stop] = float("-inf")
         tokens = sample_rows(logits, [r.sampler for r in reqs], [r.seen for r in reqs])
         stops = torch.isin(tokens, self.stop).tolist()
         for req, tok, stop in zip(reqs, tokens.tolist(), stops):
             if req.seen is not None:
                 req.seen[tok] = True
+            stop = stop and not req.params.ignore_eos
             stop = req.emit_token(tok, stop) or stop  # a stop token, or a stop string
             if stop or len(req.tokens) >= req.max_new_tokens:
                 req.finish_reason = "stop" if stop else "length"
@@ -342,9 +347,13 @@ class Engine:
 
     def _choose_code0(self, reqs: list[Request], hidden: torch.Tensor) -> None:
         logits = self.model.talker.code0_logits(hidden)
+        eos = self.cfg.talker.codec_eos_token_id
+        early = [i for i, r in enumerate(reqs) if r.speech.sampler.params[0].ignore_eos
+                 or r.speech.frames < r.speech.sampler.params[0].min_tokens]
+        if early:  # speech that must go on: EOS is never a frame
+            logits[torch.tensor(early, device=logits.device), eos] = float("-inf")
         code0 = sample_rows(logits, [r.speech.sampler for r in reqs],
                             [r.speech.seen for r in reqs])
-        eos = self.cfg.talker.codec_eos_token_id
         for i, req in enumerate(reqs):
             sp = req.speech
             sp.hidden, sp.code0 = hidden[i], code0[i]

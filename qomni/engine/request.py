@@ -83,6 +83,11 @@ class Request:
     _pending_ids: list[int] = field(default_factory=list)
 
     @property
+    def params(self) -> SamplingParams:
+        """The thinker's sampling settings."""
+        return self.sampler.params[0]
+
+    @property
     def thinker_done(self) -> bool:
         return self.finish_reason is not None
 
@@ -109,7 +114,9 @@ class Request:
                 at = _find(self.text, self.speech_stops, before)
                 if at is not None:
                     self.speech_end = bisect_right(self._token_ends, at)
-            at = _find(self.text, self.stop_strings, before)
+            # min_tokens: stop strings count from then on, as stop tokens do
+            early = len(self.tokens) < self.params.min_tokens
+            at = None if early else _find(self.text, self.stop_strings, before)
             if at is not None:
                 self.text, self.stopped_by_string = self.text[:at], True
                 if self.speech_end is None:

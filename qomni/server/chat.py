@@ -178,7 +178,7 @@ def prepare(state: AppState, req: ChatCompletionRequest) -> Job:
         if not isinstance(thinking, bool):
             raise APIError(400, "chat_template_kwargs.enable_thinking must be a boolean",
                            param="chat_template_kwargs")
-        kwargs["enable_thinking"] = thinking
+        kwargs["chat_template_kwargs"] = {"enable_thinking": thinking}
     messages = to_conversation(req.messages, _resolver(state), transcripts=state.transcripts.get,
                                tools=use_tools)
     return Job(messages, kwargs)
@@ -188,7 +188,8 @@ async def respond(state: AppState, job: Job, t0: float) -> AsyncIterator[Piece]:
     """The engine's events as response pieces (see `Piece`)."""
     metrics = state.metrics
     out = OutputFilter(parse_tools=job.tools)
-    thinks = state.reasoning and job.kwargs.get("enable_thinking") is not False
+    template = job.kwargs.get("chat_template_kwargs", {})
+    thinks = state.reasoning and template.get("enable_thinking") is not False
     split = ReasoningSplitter() if thinks else None
 
     def text_pieces(parts: list[Any]) -> list[Any]:
