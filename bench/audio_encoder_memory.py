@@ -37,7 +37,6 @@ def real_config(layers: int) -> AudioConfig:
         n_window_infer=800,
         conv_chunksize=500,
         downsample_hidden_size=480,
-        max_source_positions=1500,
     )
 
 

@@ -3,59 +3,124 @@
 `OmniConfig.from_hf(dir_or_dict)` reads the checkpoint's config.json (the raw file as published,
 with `rope_scaling`/`rope_theta`, or as re-saved by transformers 5, with `rope_parameters`).
 Model code reads these dataclasses only: never raw dicts, never literal token ids.
+
+Each field is read from the config.json key of its name (or as its `key(...)` metadata says)
+and converted to its annotated type; a field without a default is required. Defaults live in the
+dataclasses only.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A checkpoint's config.json is missing a required key or holds an impossible value."""
 
 
-_MISSING = object()
-
-
 class _Reader:
-    """Reads keys from one section of config.json, naming the full key path in errors."""
+    """One section of config.json, naming the full key path in errors."""
 
     def __init__(self, data: Any, path: str):
         if not isinstance(data, dict):
             raise ConfigError(f"config.json: `{path}` must be an object, got {type(data).__name__}")
         self.data, self.path = data, path
 
-    def __call__(self, key: str, default: Any = _MISSING, *aliases: str) -> Any:
-        for k in (key, *aliases):
-            if k in self.data and self.data[k] is not None:
-                return self.data[k]
-        if default is _MISSING:
-            raise ConfigError(f"config.json: missing required key `{self.path}.{key}`")
-        return default
+    def get(self, *keys: str) -> Any:
+        """The value of the first of `keys` present and not null (a dotted key walks into
+        sub-sections), else MISSING."""
+        for k in keys:
+            node = self.data
+            for part in k.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                return node
+        return MISSING
 
     def sub(self, key: str) -> _Reader:
-        return _Reader(self(key), f"{self.path}.{key}")
+        value = self.get(key)
+        if value is MISSING:
+            raise ConfigError(f"config.json: missing required key `{self.path}.{key}`")
+        return _Reader(value, f"{self.path}.{key}")
 
-    def has(self, key: str) -> bool:
-        return self.data.get(key) is not None
-
-    def rope(self, default_theta: float) -> tuple[float, tuple[int, ...] | None]:
-        """(theta, mrope_section) from `rope_parameters` (transformers 5) or `rope_scaling` +
-        `rope_theta` (the raw official file)."""
-        params = self.data.get("rope_parameters") or self.data.get("rope_scaling") or {}
-        theta = float(params.get("rope_theta", self.data.get("rope_theta", default_theta)))
-        section = params.get("mrope_section")
-        return theta, tuple(int(s) for s in section) if section is not None else None
+    def rope(self) -> dict:
+        """`rope_parameters` (transformers 5) or `rope_scaling` (the raw official file)."""
+        return self.data.get("rope_parameters") or self.data.get("rope_scaling") or {}
 
 
-def _ints(value: Any) -> tuple[int, ...]:
-    return tuple(int(v) for v in value)
+def key(*names: str, read: Callable[[_Reader], Any] | None = None,
+        derive: Callable[[dict[str, Any]], Any] | None = None,
+        convert: Callable[[Any, str], Any] | None = None) -> dict[str, Any]:
+    """Field metadata: read the field from config.json under the first present of `names`
+    (default: the field's name), or by `read(section)`; when absent: its default, else
+    `derive(fields read so far)`, else a missing-key error. `convert(value, path)` replaces the
+    conversion to the field's annotated type."""
+    return {"names": names, "read": read, "derive": derive, "convert": convert}
 
 
-@dataclass(frozen=True)
+def read_config(cls: type[T], r: _Reader) -> T:
+    """Build dataclass `cls` from section `r`, nested dataclass fields from sub-sections; calls
+    `check(path)` on the result when the class defines one."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        meta, tp = f.metadata, hints[f.name]
+        names = meta.get("names") or (f.name,)
+        if is_dataclass(tp):
+            values[f.name] = read_config(tp, r.sub(names[0]))
+            continue
+        value = meta["read"](r) if meta.get("read") else r.get(*names)
+        path = f"{r.path}.{names[0]}"
+        if value is not MISSING:
+            convert = meta.get("convert") or _converter(tp)
+            values[f.name] = convert(value, path)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            if not meta.get("derive"):
+                raise ConfigError(f"config.json: missing required key `{path}`")
+            values[f.name] = meta["derive"](values)
+    cfg = cls(**values)
+    if hasattr(cfg, "check"):
+        cfg.check(r.path)
+    return cfg
+
+
+def _converter(tp: Any) -> Callable[[Any, str], Any]:
+    """int, float, bool, str, or a tuple of one of them (from a JSON list)."""
+    many = typing.get_origin(tp) is tuple
+    scalar = typing.get_args(tp)[0] if many else tp
+    kind = f"a list of {scalar.__name__}" if many else scalar.__name__
+
+    def convert(value: Any, path: str) -> Any:
+        try:
+            return tuple(scalar(v) for v in value) if many else scalar(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config.json: `{path}` must be {kind}, got {value!r}") from None
+    return convert
+
+
+def _rope_theta(r: _Reader) -> Any:
+    return r.rope().get("rope_theta", r.get("rope_theta"))
+
+
+def _mrope_section(r: _Reader) -> Any:
+    section = r.rope().get("mrope_section")
+    if section is None:
+        raise ConfigError(f"config.json: `{r.path}` needs rope mrope_section (M-RoPE)")
+    return section
+
+
+def _head_dim(v: dict[str, Any]) -> int:
+    return v["hidden_size"] // v["num_attention_heads"]
+
+
+@dataclass(frozen=True, kw_only=True)
 class TextConfig:
     """A Qwen3-MoE decoder: the thinker LLM, or the talker trunk (which adds a shared expert)."""
 
@@ -64,19 +129,19 @@ class TextConfig:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    mrope_section: tuple[int, ...]
-    num_experts: int
+    head_dim: int = field(metadata=key(derive=_head_dim))
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = field(default=1e6, metadata=key(read=_rope_theta))
+    mrope_section: tuple[int, ...] = field(metadata=key(read=_mrope_section))
+    num_experts: int = field(default=0, metadata=key("num_experts", "num_local_experts"))
     num_experts_per_tok: int
     moe_intermediate_size: int
     norm_topk_prob: bool
-    intermediate_size: int  # dense MLP width (`mlp_only_layers`); talker: its projections' width
+    # dense MLP width (`mlp_only_layers`); talker: its projections' width
+    intermediate_size: int = 0
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     shared_expert_intermediate_size: int = 0
-    max_position_embeddings: int = 65536
 
     def is_moe_layer(self, i: int) -> bool:
         return (
@@ -85,52 +150,25 @@ class TextConfig:
             and (i + 1) % self.decoder_sparse_step == 0
         )
 
-    @classmethod
-    def from_hf(cls, r: _Reader) -> TextConfig:
-        hidden, heads = int(r("hidden_size")), int(r("num_attention_heads"))
-        theta, section = r.rope(1e6)
-        head_dim = int(r("head_dim", hidden // heads))
-        if section is None:
-            raise ConfigError(f"config.json: `{r.path}` needs rope mrope_section (M-RoPE)")
-        if 2 * sum(section) != head_dim:
+    def check(self, path: str) -> None:
+        if 2 * sum(self.mrope_section) != self.head_dim:
             raise ConfigError(
-                f"config.json: `{r.path}` mrope_section {list(section)} must sum to head_dim/2 "
-                f"= {head_dim // 2}"
+                f"config.json: `{path}` mrope_section {list(self.mrope_section)} must sum to "
+                f"head_dim/2 = {self.head_dim // 2}"
             )
-        cfg = cls(
-            vocab_size=int(r("vocab_size")),
-            hidden_size=hidden,
-            num_hidden_layers=int(r("num_hidden_layers")),
-            num_attention_heads=heads,
-            num_key_value_heads=int(r("num_key_value_heads")),
-            head_dim=head_dim,
-            rms_norm_eps=float(r("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            mrope_section=section,
-            num_experts=int(r("num_experts", 0, "num_local_experts")),
-            num_experts_per_tok=int(r("num_experts_per_tok")),
-            moe_intermediate_size=int(r("moe_intermediate_size")),
-            norm_topk_prob=bool(r("norm_topk_prob")),
-            intermediate_size=int(r("intermediate_size", 0)),
-            decoder_sparse_step=int(r("decoder_sparse_step", 1)),
-            mlp_only_layers=_ints(r("mlp_only_layers", ())),
-            shared_expert_intermediate_size=int(r("shared_expert_intermediate_size", 0)),
-            max_position_embeddings=int(r("max_position_embeddings", 65536)),
-        )
-        if heads % cfg.num_key_value_heads:
+        if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
-                f"config.json: `{r.path}` num_attention_heads ({heads}) must be a multiple of "
-                f"num_key_value_heads ({cfg.num_key_value_heads})"
+                f"config.json: `{path}` num_attention_heads ({self.num_attention_heads}) must be "
+                f"a multiple of num_key_value_heads ({self.num_key_value_heads})"
             )
-        if cfg.num_experts and not 0 < cfg.num_experts_per_tok <= cfg.num_experts:
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ConfigError(
-                f"config.json: `{r.path}` num_experts_per_tok ({cfg.num_experts_per_tok}) must be "
-                f"in 1..num_experts ({cfg.num_experts})"
+                f"config.json: `{path}` num_experts_per_tok ({self.num_experts_per_tok}) must be "
+                f"in 1..num_experts ({self.num_experts})"
             )
-        return cfg
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AudioConfig:
     """AuT audio encoder (`thinker.audio_tower`)."""
 
@@ -142,30 +180,12 @@ class AudioConfig:
     output_dim: int
     n_window: int
     n_window_infer: int
-    conv_chunksize: int
+    conv_chunksize: int = 500
     downsample_hidden_size: int
-    max_source_positions: int
     activation_function: str = "gelu"
 
-    @classmethod
-    def from_hf(cls, r: _Reader) -> AudioConfig:
-        return cls(
-            num_mel_bins=int(r("num_mel_bins")),
-            encoder_layers=int(r("encoder_layers")),
-            encoder_attention_heads=int(r("encoder_attention_heads")),
-            encoder_ffn_dim=int(r("encoder_ffn_dim")),
-            d_model=int(r("d_model")),
-            output_dim=int(r("output_dim")),
-            n_window=int(r("n_window")),
-            n_window_infer=int(r("n_window_infer")),
-            conv_chunksize=int(r("conv_chunksize", 500)),
-            downsample_hidden_size=int(r("downsample_hidden_size")),
-            max_source_positions=int(r("max_source_positions", 1500)),
-            activation_function=str(r("activation_function", "gelu")),
-        )
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VisionConfig:
     """Vision encoder (`thinker.visual`) with deepstack mergers."""
 
@@ -173,53 +193,26 @@ class VisionConfig:
     hidden_size: int
     intermediate_size: int
     num_heads: int
-    in_channels: int
+    in_channels: int = 3
     patch_size: int
     spatial_merge_size: int
     temporal_patch_size: int
     out_hidden_size: int
-    num_position_embeddings: int
+    num_position_embeddings: int = 2304  # absent in the real file
     deepstack_visual_indexes: tuple[int, ...]
     hidden_act: str = "gelu_pytorch_tanh"
-    rope_theta: float = 10000.0
-
-    @classmethod
-    def from_hf(cls, r: _Reader) -> VisionConfig:
-        return cls(
-            depth=int(r("depth")),
-            hidden_size=int(r("hidden_size")),
-            intermediate_size=int(r("intermediate_size")),
-            num_heads=int(r("num_heads")),
-            in_channels=int(r("in_channels", 3)),
-            patch_size=int(r("patch_size")),
-            spatial_merge_size=int(r("spatial_merge_size")),
-            temporal_patch_size=int(r("temporal_patch_size")),
-            out_hidden_size=int(r("out_hidden_size")),
-            num_position_embeddings=int(r("num_position_embeddings", 2304)),  # absent in the real file
-            deepstack_visual_indexes=_ints(r("deepstack_visual_indexes")),
-            hidden_act=str(r("hidden_act", "gelu_pytorch_tanh")),
-            rope_theta=r.rope(10000.0)[0],
-        )
+    rope_theta: float = field(default=10000.0, metadata=key(read=_rope_theta))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ThinkerConfig:
-    text: TextConfig
-    audio: AudioConfig
-    vision: VisionConfig
+    text: TextConfig = field(metadata=key("text_config"))
+    audio: AudioConfig = field(metadata=key("audio_config"))
+    vision: VisionConfig = field(metadata=key("vision_config"))
     position_id_per_seconds: float
 
-    @classmethod
-    def from_hf(cls, r: _Reader) -> ThinkerConfig:
-        return cls(
-            text=TextConfig.from_hf(r.sub("text_config")),
-            audio=AudioConfig.from_hf(r.sub("audio_config")),
-            vision=VisionConfig.from_hf(r.sub("vision_config")),
-            position_id_per_seconds=float(r("position_id_per_seconds")),
-        )
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CodePredictorConfig:
     """Dense 1-D-RoPE decoder that predicts codebooks 1..G-1 of each frame."""
 
@@ -229,32 +222,22 @@ class CodePredictorConfig:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
+    head_dim: int = field(metadata=key(derive=_head_dim))
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = field(default=10000.0, metadata=key(read=_rope_theta))
     num_code_groups: int
 
-    @classmethod
-    def from_hf(cls, r: _Reader) -> CodePredictorConfig:
-        hidden, heads = int(r("hidden_size")), int(r("num_attention_heads"))
-        return cls(
-            vocab_size=int(r("vocab_size")),
-            hidden_size=hidden,
-            intermediate_size=int(r("intermediate_size")),
-            num_hidden_layers=int(r("num_hidden_layers")),
-            num_attention_heads=heads,
-            num_key_value_heads=int(r("num_key_value_heads")),
-            head_dim=int(r("head_dim", hidden // heads)),
-            rms_norm_eps=float(r("rms_norm_eps", 1e-6)),
-            rope_theta=r.rope(10000.0)[0],
-            num_code_groups=int(r("num_code_groups")),
-        )
+
+def _speakers(value: Any, path: str) -> dict[str, int]:
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"config.json: `{path}` must map voice names to ids")
+    return {str(k).lower(): int(v) for k, v in value.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TalkerConfig:
-    text: TextConfig
-    code_predictor: CodePredictorConfig
+    text: TextConfig = field(metadata=key("text_config"))
+    code_predictor: CodePredictorConfig = field(metadata=key("code_predictor_config"))
     num_code_groups: int
     thinker_hidden_size: int
     accept_hidden_layer: int
@@ -266,40 +249,18 @@ class TalkerConfig:
     codec_nothink_id: int
     codec_think_bos_id: int
     codec_think_eos_id: int
-    speaker_id: dict[str, int] = field(default_factory=dict)
+    speaker_id: dict[str, int] = field(metadata=key(convert=_speakers))
 
     def speaker(self, name: str) -> int:
         """Codec id of a voice; names are case-insensitive."""
-        key = name.strip().lower()
-        if key not in self.speaker_id:
+        voice = name.strip().lower()
+        if voice not in self.speaker_id:
             known = ", ".join(sorted(s.capitalize() for s in self.speaker_id))
             raise ValueError(f"unknown voice {name!r}; available voices: {known}")
-        return self.speaker_id[key]
-
-    @classmethod
-    def from_hf(cls, r: _Reader) -> TalkerConfig:
-        speakers = r("speaker_id")
-        if not isinstance(speakers, dict) or not speakers:
-            raise ConfigError("config.json: `talker_config.speaker_id` must map voice names to ids")
-        return cls(
-            text=TextConfig.from_hf(r.sub("text_config")),
-            code_predictor=CodePredictorConfig.from_hf(r.sub("code_predictor_config")),
-            num_code_groups=int(r("num_code_groups")),
-            thinker_hidden_size=int(r("thinker_hidden_size")),
-            accept_hidden_layer=int(r("accept_hidden_layer")),
-            position_id_per_seconds=float(r("position_id_per_seconds")),
-            spatial_merge_size=int(r("spatial_merge_size")),
-            codec_eos_token_id=int(r("codec_eos_token_id")),
-            codec_pad_id=int(r("codec_pad_id")),
-            codec_bos_id=int(r("codec_bos_id")),
-            codec_nothink_id=int(r("codec_nothink_id")),
-            codec_think_bos_id=int(r("codec_think_bos_id")),
-            codec_think_eos_id=int(r("codec_think_eos_id")),
-            speaker_id={str(k).lower(): int(v) for k, v in speakers.items()},
-        )
+        return self.speaker_id[voice]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Code2WavConfig:
     """Codec decoder: codes [G, F] -> 24 kHz waveform."""
 
@@ -308,16 +269,16 @@ class Code2WavConfig:
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
+    num_key_value_heads: int = field(metadata=key(derive=lambda v: v["num_attention_heads"]))
+    head_dim: int = field(metadata=key(derive=_head_dim))
     intermediate_size: int
     sliding_window: int
-    rms_norm_eps: float
-    rope_theta: float
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = field(default=10000.0, metadata=key(read=_rope_theta))
     upsample_rates: tuple[int, ...]
     upsampling_ratios: tuple[int, ...]
     decoder_dim: int
-    sample_rate: int = 24000
+    sample_rate: ClassVar[int] = 24000  # fixed by the codec; not in config.json
 
     @property
     def samples_per_frame(self) -> int:
@@ -326,66 +287,26 @@ class Code2WavConfig:
             n *= r
         return n
 
-    @classmethod
-    def from_hf(cls, r: _Reader) -> Code2WavConfig:
-        hidden, heads = int(r("hidden_size")), int(r("num_attention_heads"))
-        return cls(
-            codebook_size=int(r("codebook_size")),
-            num_quantizers=int(r("num_quantizers")),
-            hidden_size=hidden,
-            num_hidden_layers=int(r("num_hidden_layers")),
-            num_attention_heads=heads,
-            num_key_value_heads=int(r("num_key_value_heads", heads)),
-            head_dim=int(r("head_dim", hidden // heads)),
-            intermediate_size=int(r("intermediate_size")),
-            sliding_window=int(r("sliding_window")),
-            rms_norm_eps=float(r("rms_norm_eps", 1e-5)),
-            rope_theta=r.rope(10000.0)[0],
-            upsample_rates=_ints(r("upsample_rates")),
-            upsampling_ratios=_ints(r("upsampling_ratios")),
-            decoder_dim=int(r("decoder_dim")),
-        )
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SpecialTokens:
     """Token ids the code needs by meaning, read from config.json."""
 
-    im_start: int
-    im_end: int
-    system: int
-    user: int
-    assistant: int
-    tts_pad: int
-    tts_bos: int
-    tts_eos: int
-    audio: int
-    image: int
-    video: int
-    audio_start: int
-    audio_end: int
-    vision_start: int
-    vision_end: int
-
-    @classmethod
-    def from_hf(cls, top: _Reader, thinker: _Reader) -> SpecialTokens:
-        return cls(
-            im_start=int(top("im_start_token_id")),
-            im_end=int(top("im_end_token_id")),
-            system=int(top("system_token_id")),
-            user=int(top("user_token_id")),
-            assistant=int(top("assistant_token_id")),
-            tts_pad=int(top("tts_pad_token_id")),
-            tts_bos=int(top("tts_bos_token_id")),
-            tts_eos=int(top("tts_eos_token_id")),
-            audio=int(thinker("audio_token_id")),
-            image=int(thinker("image_token_id")),
-            video=int(thinker("video_token_id")),
-            audio_start=int(thinker("audio_start_token_id")),
-            audio_end=int(thinker("audio_end_token_id")),
-            vision_start=int(thinker("vision_start_token_id")),
-            vision_end=int(thinker("vision_end_token_id")),
-        )
+    im_start: int = field(metadata=key("im_start_token_id"))
+    im_end: int = field(metadata=key("im_end_token_id"))
+    system: int = field(metadata=key("system_token_id"))
+    user: int = field(metadata=key("user_token_id"))
+    assistant: int = field(metadata=key("assistant_token_id"))
+    tts_pad: int = field(metadata=key("tts_pad_token_id"))
+    tts_bos: int = field(metadata=key("tts_bos_token_id"))
+    tts_eos: int = field(metadata=key("tts_eos_token_id"))
+    audio: int = field(metadata=key("thinker_config.audio_token_id"))
+    image: int = field(metadata=key("thinker_config.image_token_id"))
+    video: int = field(metadata=key("thinker_config.video_token_id"))
+    audio_start: int = field(metadata=key("thinker_config.audio_start_token_id"))
+    audio_end: int = field(metadata=key("thinker_config.audio_end_token_id"))
+    vision_start: int = field(metadata=key("thinker_config.vision_start_token_id"))
+    vision_end: int = field(metadata=key("thinker_config.vision_end_token_id"))
 
 
 @dataclass(frozen=True)
@@ -404,24 +325,19 @@ class OmniConfig:
         """Parse a checkpoint directory, a config.json path, or its already-loaded dict."""
         data = source if isinstance(source, dict) else _read_json(Path(source))
         top = _Reader(data, "config")
-        thinker_r = top.sub("thinker_config")
-        audio_out = bool(top("enable_audio_output", False))
         talker = code2wav = None
-        if audio_out:
-            talker = TalkerConfig.from_hf(top.sub("talker_config"))
-            code2wav = Code2WavConfig.from_hf(top.sub("code2wav_config"))
-        thinker = ThinkerConfig.from_hf(thinker_r)
+        audio_out = top.get("enable_audio_output")
+        if audio_out is not MISSING and audio_out:
+            talker = read_config(TalkerConfig, top.sub("talker_config"))
+            code2wav = read_config(Code2WavConfig, top.sub("code2wav_config"))
+        thinker = read_config(ThinkerConfig, top.sub("thinker_config"))
         if talker is not None and talker.accept_hidden_layer > thinker.text.num_hidden_layers:
             raise ConfigError(
                 f"config.json: talker_config.accept_hidden_layer ({talker.accept_hidden_layer}) "
                 f"exceeds the thinker's {thinker.text.num_hidden_layers} layers"
             )
-        return cls(
-            thinker=thinker,
-            tokens=SpecialTokens.from_hf(top, thinker_r),
-            talker=talker,
-            code2wav=code2wav,
-        )
+        return cls(thinker=thinker, tokens=read_config(SpecialTokens, top), talker=talker,
+                   code2wav=code2wav)
 
 
 def _read_json(path: Path) -> dict:
@@ -440,7 +356,7 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PreprocessorConfig:
     """preprocessor_config.json: Whisper log-mel features and the Qwen2-VL image processor.
     Defaults are the published values (identical in the Instruct, Thinking and Captioner repos)."""
@@ -462,7 +378,4 @@ class PreprocessorConfig:
         file = path / "preprocessor_config.json" if path.is_dir() else path
         if not file.exists():
             return cls()
-        data = _read_json(file)
-        known = {f for f in cls.__dataclass_fields__}
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
-        return cls(**values)
+        return read_config(cls, _Reader(_read_json(file), file.name))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,4 +46,3 @@ class GenerateOutput:
     audio: np.ndarray | None = None
     codes: object | None = None  # int64 tensor [num_code_groups, frames]
     sample_rate: int = 24000
-    extra: dict = field(default_factory=dict)

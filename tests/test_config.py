@@ -82,3 +82,32 @@ def test_impossible_values_are_rejected():
     raw["thinker_config"]["text_config"] = "oops"
     with pytest.raises(ConfigError, match="must be an object"):
         OmniConfig.from_hf(raw)
+
+
+def test_wrong_types_name_the_key():
+    raw = copy.deepcopy(TINY_CONFIG)
+    raw["thinker_config"]["text_config"]["hidden_size"] = "wide"
+    with pytest.raises(ConfigError, match=r"`config.thinker_config.text_config.hidden_size` must be"):
+        OmniConfig.from_hf(raw)
+    raw = copy.deepcopy(TINY_CONFIG)
+    raw["code2wav_config"]["upsample_rates"] = 8
+    with pytest.raises(ConfigError, match="upsample_rates` must be a list of int"):
+        OmniConfig.from_hf(raw)
+    raw = copy.deepcopy(TINY_CONFIG)
+    raw["talker_config"]["speaker_id"] = []
+    with pytest.raises(ConfigError, match="speaker_id` must map voice names to ids"):
+        OmniConfig.from_hf(raw)
+
+
+def test_absent_optional_keys_take_the_defaults():
+    raw = copy.deepcopy(TINY_CONFIG)
+    c2w = raw["code2wav_config"]
+    for k in ("num_key_value_heads", "rms_norm_eps", "rope_theta"):
+        del c2w[k]
+    del raw["thinker_config"]["text_config"]["head_dim"]
+    cfg = OmniConfig.from_hf(raw)
+    assert cfg.code2wav.num_key_value_heads == c2w["num_attention_heads"]
+    assert cfg.code2wav.head_dim == c2w["hidden_size"] // c2w["num_attention_heads"]
+    assert (cfg.code2wav.rms_norm_eps, cfg.code2wav.rope_theta) == (1e-5, 10000.0)
+    text = raw["thinker_config"]["text_config"]
+    assert cfg.thinker.text.head_dim == text["hidden_size"] // text["num_attention_heads"]

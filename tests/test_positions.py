@@ -14,7 +14,6 @@ from qomni.multimodal.positions import (
     audio_token_count,
     expand_placeholders,
     rope_index,
-    rope_index_batch,
 )
 from qomni.tiny import ASSETS, PREPROCESSOR_CONFIG, write_tokenizer
 
@@ -224,6 +223,36 @@ def _left_pad(seqs):
     return ids, mask
 
 
+def rope_index_batch(ids, mask, *, images, videos, spg, audio, aiv):
+    """The reference's batched call built on `rope_index`: ids [B, S] with a left-padding mask ->
+    positions [3, B, S] and deltas [B, 1], float32. Media lists run over the whole batch, row by
+    row. Padding positions are 0, or 1 when no image/video grid is given at all (the reference
+    then uses cumsum(mask) - 1 for every row)."""
+    if not images and not videos:
+        pos = mask.float().cumsum(-1) - 1
+        pos.masked_fill_(mask == 0, 1)
+        pos = pos.unsqueeze(0).expand(3, -1, -1)
+        return pos, pos.max(0)[0].max(-1, keepdim=True)[0] + 1 - mask.sum(-1, keepdim=True)
+    out = torch.zeros(3, *ids.shape, dtype=torch.float32)
+    deltas = []
+    ii = vi = ai = 0
+    for b in range(ids.shape[0]):
+        row = ids[b][mask[b] == 1].tolist()
+        after = [(row[k + 1] if k + 1 < len(row) else None)
+                 for k, x in enumerate(row) if x == TOK.vision_start]
+        ni = after.count(TOK.image)
+        nv = after.count(TOK.video) + after.count(TOK.audio_start)
+        na = row.count(TOK.audio_start)
+        pos, _ = rope_index(
+            row, TOK, image_grids=images[ii:ii + ni], video_grids=videos[vi:vi + nv],
+            video_second_per_grid=spg[vi:vi + nv], audio_lengths=audio[ai:ai + na],
+            n_window=N_WINDOW, use_audio_in_video=aiv, **KW)
+        out[:, b, mask[b] == 1] = pos
+        deltas.append(pos.max() + 1 - len(row))
+        ii, vi, ai = ii + ni, vi + nv, ai + na
+    return out, torch.stack(deltas).view(-1, 1)
+
+
 @pytest.mark.parametrize("names", [("mixed_turns", "text", "video_05s"),
                                    ("aiv_notes", "mixed_aiv", "image_small"),
                                    ("audio", "text", "two_audios")])
@@ -236,10 +265,7 @@ def test_left_padded_batch_equals_reference(names, hf_thinker):
              "spg": [s for c in cases for s in c.spg],
              "audio": [n for c in cases for n in c.audio_lengths()]}
     want, want_delta = hf_rope(hf_thinker, ids, mask, aiv=aiv, **media)
-    got, delta = rope_index_batch(
-        ids, mask, TOK, image_grids=media["images"], video_grids=media["videos"],
-        video_second_per_grid=media["spg"], audio_lengths=media["audio"], n_window=N_WINDOW,
-        use_audio_in_video=aiv, **KW)
+    got, delta = rope_index_batch(ids, mask, aiv=aiv, **media)
     assert torch.equal(got, want) and torch.equal(delta, want_delta)
     for b, c in enumerate(cases):  # the single-sequence API gives the unpadded rows
         pos, d = c.ours()
