@@ -29,8 +29,8 @@ from qomni.models.conv import (
     SnakeBeta,
     Tails,
 )
-from qomni.models.layers import RMSNorm
-from qomni.models.rope import inv_freq
+from qomni.models.layers import MLP, RMSNorm
+from qomni.models.rope import RoPE, apply_rope
 
 
 @dataclass
@@ -48,35 +48,6 @@ class LayerScale(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.scale * x
-
-
-class RotaryEmbedding(nn.Module):
-    """1-D RoPE, rotate-half layout. inv_freq stays fp32 through `.to(dtype)`, as in the
-    reference's models loaded in bf16; cos/sin are cast to the activation dtype (Q8)."""
-
-    def __init__(self, head_dim: int, theta: float):
-        super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
-
-    def _inv_freq(self) -> Tensor:
-        return inv_freq(self.head_dim, self.theta)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
-        return self
-
-    def forward(self, start: int, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        pos = torch.arange(start, start + n, device=self.inv_freq.device, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq
-        emb = torch.cat([freqs, freqs], dim=-1)  # [F, K]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -97,7 +68,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, n, self.heads, self.head_dim).transpose(1, 2)  # [B, H, F, K]
         k = self.k_proj(x).view(B, n, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if tails is not None:
             if self in tails:
@@ -127,22 +98,11 @@ class Attention(nn.Module):
         return torch.cat(outs, dim=2)
 
 
-class Mlp(nn.Module):
-    def __init__(self, cfg: Code2WavConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class TransformerLayer(nn.Module):
     def __init__(self, cfg: Code2WavConfig):
         super().__init__()
         self.self_attn = Attention(cfg)
-        self.mlp = Mlp(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn_layer_scale = LayerScale(cfg.hidden_size)
@@ -159,12 +119,13 @@ class PreTransformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rotary_emb = RoPE(cfg.head_dim, cfg.rope_theta)
 
     def forward(self, x: Tensor, start: int, tails: Tails | None) -> Tensor:
         # Positions count from the utterance's first frame, so a stream's chunks get the very
         # cos/sin values a whole decode computes for the same frames.
-        cos, sin = self.rotary_emb(start, x.shape[1], x.dtype)
+        positions = torch.arange(start, start + x.shape[1], device=x.device)[None]  # [1, F]
+        cos, sin = self.rotary_emb(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, tails)
         return self.norm(x)

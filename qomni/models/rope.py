@@ -2,8 +2,9 @@
 
 Legend: B batch, S tokens, Dh head dim, F = Dh/2 frequencies.
 
-Both follow the reference numerics: angles in fp32, cos/sin cast to the activation dtype before
-the rotation, rotate-half layout (the two halves of a head hold the same frequencies).
+Both follow the reference numerics: inverse frequencies and angles in fp32, cos/sin cast to the
+activation dtype before the rotation, rotate-half layout (the two halves of a head hold the same
+frequencies).
 """
 
 from __future__ import annotations
@@ -16,13 +17,28 @@ def inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
 
 
-class MRoPE(nn.Module):
+class _Rotary(nn.Module):
+    """Holds `inv_freq` [F] in fp32 through any `.to(dtype)`: the reference computes it in fp32
+    at init and a checkpoint loaded in bf16 keeps it so (it is a buffer, not a weight)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", inv_freq(head_dim, theta), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # Recomputed, not cast back: a bf16 round trip would lose the low bits.
+        self.inv_freq = inv_freq(self.head_dim, self.theta).to(self.inv_freq.device)
+        return self
+
+
+class MRoPE(_Rotary):
     """Interleaved multimodal RoPE: frequency j takes its angle from the H axis when j % 3 == 1,
     from W when j % 3 == 2 (each within its `mrope_section` share), and from T otherwise."""
 
     def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, ...]):
-        super().__init__()
-        self.register_buffer("inv_freq", inv_freq(head_dim, theta), persistent=False)
+        super().__init__(head_dim, theta)
         f = head_dim // 2
         axis = torch.zeros(f, dtype=torch.long)  # which of (t, h, w) drives frequency j
         axis[1 : 3 * mrope_section[1] : 3] = 1
@@ -37,12 +53,8 @@ class MRoPE(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-class RoPE(nn.Module):
+class RoPE(_Rotary):
     """Plain 1-D RoPE (code predictor, code2wav)."""
-
-    def __init__(self, head_dim: int, theta: float):
-        super().__init__()
-        self.register_buffer("inv_freq", inv_freq(head_dim, theta), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """positions [B, S] -> cos, sin [B, S, Dh] in `dtype`."""
@@ -63,6 +75,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, S, Dh]; cos, sin [B, S, Dh]."""
+    """x [B, H, S, Dh]; cos, sin [B, S, Dh] (or [1, S, Dh], the same for every row)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + rotate_half(x) * sin
