@@ -2,7 +2,8 @@
 
 A reference may be a local path (str or PathLike, or a ``file://`` URI), raw bytes, a base64
 string, a ``data:<mime>;base64,...`` URI, or an http(s) URL. URLs are fetched only with
-``allow_remote=True``, with a byte cap and an overall deadline. Every failure is a
+``allow_remote=True``, with a byte cap, an overall deadline and an address policy (public
+addresses only, unless ``allowed_networks`` names others; see fetch.py). Every failure is a
 :class:`MediaError` whose message names the item ("audio #1") and the reason, so the server can
 answer 4xx with it verbatim.
 """
@@ -13,13 +14,14 @@ import base64
 import binascii
 import os
 import re
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from qomni.multimodal.fetch import FetchError, IPNetwork, fetch_url
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 30.0
@@ -76,43 +78,6 @@ def _decode_data_uri(uri: str, name: str, max_bytes: int) -> bytes:
     return _decode_b64(payload, name, max_bytes)
 
 
-def _fetch_url(url: str, name: str, max_bytes: int, timeout: float) -> bytes:
-    req = urllib.request.Request(url, headers={"User-Agent": "qomni"})
-    deadline = time.monotonic() + timeout
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            # Redirects may leave http(s); never follow them to file:// or ftp://.
-            if urllib.parse.urlsplit(resp.geturl()).scheme not in ("http", "https"):
-                raise MediaError(name, "URL redirected to a non-http(s) location")
-            declared = resp.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise MediaError(name, f"URL content larger than the {max_bytes}-byte limit")
-            chunks, total = [], 0
-            while True:
-                # urlopen's timeout is per socket operation; the deadline caps the whole download.
-                if time.monotonic() > deadline:
-                    raise MediaError(name, f"URL download exceeded {timeout:g} s")
-                chunk = resp.read(min(1 << 16, max_bytes + 1 - total))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-                if total > max_bytes:
-                    raise MediaError(name, f"URL content larger than the {max_bytes}-byte limit")
-    except MediaError:
-        raise
-    except urllib.error.HTTPError as e:
-        raise MediaError(name, f"could not fetch URL (HTTP {e.code})") from None
-    except urllib.error.URLError as e:
-        raise MediaError(name, f"could not fetch URL ({e.reason})") from None
-    except (TimeoutError, OSError, ValueError) as e:
-        raise MediaError(name, f"could not fetch URL ({type(e).__name__}: {e})") from None
-    data = b"".join(chunks)
-    if not data:
-        raise MediaError(name, "URL returned empty data")
-    return data
-
-
 def _check_path(
     path: Path, name: str, max_bytes: int, allow_local: bool, local_root: str | os.PathLike | None
 ) -> Path:
@@ -145,10 +110,13 @@ def resolve_media(
     local_root: str | os.PathLike | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     timeout: float = DEFAULT_TIMEOUT_S,
+    allowed_networks: Iterable[str | IPNetwork] = (),
 ) -> bytes | Path:
     """Return the media's bytes, or a :class:`Path` for a local file (decoders can seek in it).
 
     ``local_root``: when set, local paths must resolve inside it (the server's allowed folder).
+    ``timeout``: seconds for a whole URL fetch, redirects included. ``allowed_networks``: CIDR
+    networks a URL may reach besides public addresses (e.g. "10.0.0.0/8", "127.0.0.1").
     Raises :class:`MediaError` for anything unreadable, empty, too large or not allowed.
     """
     if isinstance(src, (bytes, bytearray, memoryview)):
@@ -172,7 +140,11 @@ def resolve_media(
     if lowered.startswith(("http://", "https://")):
         if not allow_remote:
             raise MediaError(name, "remote URLs are disabled (allow_remote=False)")
-        return _fetch_url(text, name, max_bytes, timeout)
+        try:
+            return fetch_url(text, max_bytes=max_bytes, timeout=timeout,
+                             allowed_networks=allowed_networks)
+        except FetchError as e:
+            raise MediaError(name, str(e)) from None
     if lowered.startswith("file://"):
         local = urllib.request.url2pathname(urllib.parse.urlsplit(text).path)
         return _check_path(Path(local), name, max_bytes, allow_local, local_root)
