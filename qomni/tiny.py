@@ -125,7 +125,7 @@ OMNI_TOKENS = ["<|audio_start|>", "<|audio_end|>", "<tts_pad>", "<tts_text_bos>"
 
 ASSETS = Path(__file__).parent / "assets"
 # Bump when the tiny layout changes, so cached demo checkpoints are rebuilt.
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 
 
 def _qwen3_tokenizer_dir() -> Path:
@@ -160,9 +160,13 @@ def random_state_dict(cfg: OmniConfig, seed: int) -> dict[str, torch.Tensor]:
 
     torch.manual_seed(seed)
     model = OmniModel(cfg, audio_output=cfg.has_audio_output)
+    # The vocoder's output conv: damped, so the waveform sits well inside the clamp (~0.2 RMS).
+    out_conv = (f"code2wav.decoder.{len(cfg.code2wav.upsample_rates) + 2}.conv.weight"
+                if cfg.code2wav is not None else None)
     state = {}
     for name, p in model.state_dict().items():
-        state.update(_to_checkpoint(name, _random_like(name, p)))
+        t = _random_like(name, p)
+        state.update(_to_checkpoint(name, t * 0.015 if name == out_conv else t))
     return state
 
 
@@ -177,6 +181,10 @@ def _random_like(name: str, p: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(p)  # SnakeBeta parameters are stored as logs
     if leaf in ("scale", "gamma"):
         return torch.full_like(p, 0.01)  # layer scales
+    if name.startswith("code2wav.") and p.ndim > 1 and "embedding" not in name:
+        # At 0.02 the vocoder's many layers shrink its output to ~1e-8 (silence); at the fan-in
+        # scale (torch's default init) its noise is audible.
+        return torch.randn_like(p) / p[0].numel() ** 0.5
     return torch.randn_like(p) * 0.02
 
 

@@ -36,3 +36,13 @@ def test_same_logits_from_both(tiny):
     with torch.no_grad():
         ref = hf.thinker(input_ids=inputs.input_ids[None]).logits[0]
     assert (omni.prompt_logits(inputs) - ref).abs().max() <= 1e-4
+
+
+def test_demo_speech_is_audible_noise(tiny):
+    """Random weights speak noise, but at a level one can hear: not ~1e-8, not stuck in the clamp."""
+    omni = Omni.load(tiny, dtype="float32", device="cpu", progress=False)
+    out = omni.generate([{"role": "user", "content": "Hello! What can you do?"}],
+                        max_new_tokens=8, max_audio_frames=20, seed=0)
+    audio = torch.from_numpy(out.audio)
+    rms, clipped = audio.pow(2).mean().sqrt().item(), (audio.abs() >= 1).float().mean().item()
+    assert 0.02 < rms < 0.5 and clipped < 0.01, (rms, clipped)
