@@ -189,5 +189,6 @@ def _names(names: list[str], limit: int = 20) -> str:
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
+    # leave=True: the finished bar ends its line, so what is printed next starts on its own.
     return tqdm(total=total, desc="Loading weights", unit="tensor", disable=not enabled,
-                leave=False)
+                leave=True)

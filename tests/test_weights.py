@@ -121,3 +121,10 @@ def test_no_weights_at_all(copy_of):
         f.unlink()
     with pytest.raises(WeightsError, match="no model.safetensors"):
         _load(copy_of)
+
+
+def test_progress_bar_ends_its_line(tiny, capsys):
+    """What is printed after loading starts on a line of its own, on a terminal or in a log."""
+    Omni.load(tiny, dtype="float32", device="cpu", progress=True, audio_output=False)
+    err = capsys.readouterr().err
+    assert "Loading weights" in err and err.endswith("\n"), repr(err[-80:])
