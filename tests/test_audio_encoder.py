@@ -100,6 +100,7 @@ def test_token_count_matches_reference():
     ]
 
 
+@pytest.mark.slow
 def test_long_audio_attends_window_by_window(monkeypatch):
     """5 minutes (30 000 frames) in one call: right shape, and no attention wider than a window."""
     _, ours = _build("a")

@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+# Each test starts Python, torch and a model in a subprocess.
+pytestmark = pytest.mark.slow
+
 
 def run(*args, env=None, check=True):
     proc = subprocess.run([sys.executable, "-m", "qomni", *args], capture_output=True, text=True,

@@ -114,6 +114,7 @@ def long_utterance(pair):
 
 # The 1000-frame case covers the sliding windows' eviction many times over (the tiny
 # transformer looks back 2·71 frames); chunks of 1 and 4 frames run it too, on 1000 frames.
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes", [[1], [4], [25], [300], [1, 4, 25, 300]])
 def test_stream_equals_whole_decode(pair, long_utterance, sizes):
     _, ours = pair

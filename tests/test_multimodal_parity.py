@@ -84,6 +84,7 @@ def test_input_ids_and_prompt_logits(name, convs, hf_tiny, omni_tiny):
     assert d.max() <= 1e-4, f"max|Δ|={d.max():.3g} mean|Δ|={d.mean():.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["two_audios", "model_card"])
 def test_greedy_tokens_match(name, convs, hf_tiny, omni_tiny):
     path, hf = hf_tiny("a")

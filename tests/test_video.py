@@ -376,6 +376,7 @@ def test_real_video_speech_matches_reference(real_video, hf_tiny, omni_tiny):
     assert out.codes.shape[1] > 0 and torch.equal(out.codes, ref_codes)
 
 
+@pytest.mark.slow
 def test_mixed_prompt_speech_matches_reference(media, hf_tiny, omni_tiny):
     """The reference's talker loses use_audio_in_video: a sound-carrying video after the last
     image gets plain text positions there, one before it the audio-in-video ones. Both orders."""

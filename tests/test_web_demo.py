@@ -119,6 +119,7 @@ def test_page_and_assets_are_served(url):
         assert "http://" not in text and "https://" not in text
 
 
+@pytest.mark.slow
 def test_chat_in_the_browser(url, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
