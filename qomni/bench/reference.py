@@ -29,7 +29,6 @@ from qomni.bench.floors import (
 )
 from qomni.bench.setup import (
     GREEDY_TALKER,
-    SPEAKER,
     TEXT_CONVERSATION,
     Load,
     Settings,
@@ -39,7 +38,7 @@ from qomni.bench.setup import (
 )
 from qomni.config import OmniConfig
 from qomni.multimodal.processor import ProcessedInputs, Processor
-from qomni.omni import resolve_device, resolve_dtype
+from qomni.omni import DEFAULT_SPEAKER, resolve_device, resolve_dtype
 
 
 def hf_inputs(x: ProcessedInputs, device: torch.device, batch: int = 1) -> dict[str, Any]:
@@ -65,7 +64,7 @@ def hf_inputs(x: ProcessedInputs, device: torch.device, batch: int = 1) -> dict[
 
 
 def _generate(model: Any, inputs: dict[str, Any], tokens: int, frames: int) -> Any:
-    return model.generate(**inputs, speaker=SPEAKER, return_audio=True,
+    return model.generate(**inputs, speaker=DEFAULT_SPEAKER, return_audio=True,
                           thinker_max_new_tokens=tokens, thinker_do_sample=False,
                           talker_max_new_tokens=frames + 1,  # its cap counts the EOS step
                           talker_do_sample=False,

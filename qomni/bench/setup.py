@@ -71,7 +71,6 @@ BUILD_VERSION = 1  # bump when the checkpoint written here changes
 FIRST_CHUNK, CHUNK = 1, 25
 # = the reference's generate(talker_do_sample=False): greedy with its repetition penalty.
 GREEDY_TALKER = SamplingParams(temperature=0.0, repetition_penalty=1.05)
-SPEAKER = "Ethan"
 SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
           "perceiving auditory and visual inputs, as well as generating text and speech.")
 TEXT_CONVERSATION = [{"role": "user", "content": "Tell me a story about a lighthouse keeper."}]

@@ -37,7 +37,6 @@ from qomni.bench.setup import (
     CHUNK,
     FIRST_CHUNK,
     GREEDY_TALKER,
-    SPEAKER,
     TEXT_CONVERSATION,
     Load,
     Settings,
@@ -53,6 +52,7 @@ from qomni.models.code2wav_stream import StreamingCode2Wav
 from qomni.models.omni import OmniModel
 from qomni.models.rope import decode_positions
 from qomni.multimodal.processor import ProcessedInputs
+from qomni.omni import DEFAULT_SPEAKER, Omni
 
 Stages = dict[str, dict[str, Any]]
 
@@ -117,7 +117,7 @@ def _talker_stages(model: OmniModel, inputs: ProcessedInputs, pre: Prefill, toke
     device = talker.codec_head.weight.device
     first = int(token)
     prompt = build_talker_prompt(model, inputs, pre.embeds[0], pre.captured[0], first,
-                                 tcfg.speaker(SPEAKER))
+                                 tcfg.speaker(DEFAULT_SPEAKER))
     n = prompt.embeds.shape[0]
     cache = talker.new_cache(1, n + frames + 2)
     ones = torch.ones(1, dtype=torch.long, device=device)
@@ -182,14 +182,14 @@ def _code2wav_stages(model: OmniModel, frames: int, stages: Stages) -> None:
                              flops=counter.get_total_flops())
 
 
-def _first_audio(omni: Any, conversation: list, settings: Settings,
+def _first_audio(omni: Omni, conversation: list, settings: Settings,
                  **options: Any) -> dict[str, float]:
     """One long spoken reply through Omni.stream: times from the call to the first text and the
     first audio chunk. The stream is closed there (which aborts the request): the rest of the
     reply is what the throughput runs measure."""
     stream = omni.stream(conversation, max_new_tokens=settings.reply_tokens,
                          max_audio_frames=settings.reply_frames, talker_sampling=GREEDY_TALKER,
-                         speaker=SPEAKER, **options)
+                         speaker=DEFAULT_SPEAKER, **options)
     first_text = None
     start = time.perf_counter()
     for event in stream:
@@ -203,7 +203,7 @@ def _first_audio(omni: Any, conversation: list, settings: Settings,
     raise RuntimeError("the reply ended without audio")
 
 
-def _voice_turn(omni: Any, settings: Settings) -> dict[str, Any]:
+def _voice_turn(omni: Omni, settings: Settings) -> dict[str, Any]:
     """End of speech -> first audio for a spoken turn: prefilled whole when it ends, and with
     the conversation and the turn's finished encoder windows prefilled while it was spoken (the
     prefix a realtime session has opened by then). The audio encoder's window cache is emptied
@@ -234,12 +234,12 @@ def _voice_turn(omni: Any, settings: Settings) -> dict[str, Any]:
             "cached_tokens": engine.cached_tokens - cached}
 
 
-def _throughput(omni: Any, batch: int, settings: Settings) -> dict[str, Any]:
+def _throughput(omni: Omni, batch: int, settings: Settings) -> dict[str, Any]:
     """`batch` speaking requests at once through Omni.generate (the engine batches them)."""
     convs = [TEXT_CONVERSATION] * batch
     wall, outs = timed(lambda: omni.generate(
         convs, max_new_tokens=settings.decode_tokens, max_audio_frames=settings.e2e_frames,
-        talker_sampling=GREEDY_TALKER, speaker=SPEAKER), omni.device)
+        talker_sampling=GREEDY_TALKER, speaker=DEFAULT_SPEAKER), omni.device)
     audio = sum(o.audio.size for o in outs) / omni.config.code2wav.sample_rate
     return {"batch": batch, "wall_s": wall, "audio_s": audio,
             "frames": sum(int(o.codes.shape[1]) for o in outs)}
@@ -247,8 +247,6 @@ def _throughput(omni: Any, batch: int, settings: Settings) -> dict[str, Any]:
 
 def bench_qomni(path: str | Path, settings: Settings, load: Load) -> dict[str, Any]:
     """Every qomni measurement on the checkpoint at `path` (in this process)."""
-    from qomni.omni import Omni
-
     omni = Omni.load(path, dtype=load.dtype, device=load.device, progress=False,
                      max_num_seqs=max(settings.batches), max_model_len=2048,
                      first_chunk_frames=FIRST_CHUNK, chunk_frames=CHUNK)
