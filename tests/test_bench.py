@@ -30,6 +30,10 @@ FIXTURE = Path(__file__).parent / "fixtures" / "instruct_config.json"
 FP32 = 4  # bytes per weight: the runs below are float32
 
 
+# Runs of `qomni bench` start Python, torch and the model in subprocesses.
+slow = pytest.mark.slow
+
+
 def bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qomni", "bench", *args], capture_output=True,
                           text=True, timeout=900, check=False)
@@ -91,6 +95,7 @@ def kv(text_cfg: dict, context: float) -> float:
         * text_cfg["head_dim"] * context * FP32
 
 
+@slow
 def test_every_stage_is_measured_and_below_no_floor(run):
     results, _ = run
     q = results["qomni"]
@@ -125,6 +130,7 @@ def test_every_stage_is_measured_and_below_no_floor(run):
         + stages["vision_encoder"]["seconds"] + stages["thinker_lm"]["seconds"]
 
 
+@slow
 def test_bytes_per_step_are_the_weights_and_kv_the_config_says(run, checkpoint, tensors):
     results, _ = run
     q = results["qomni"]
@@ -155,6 +161,7 @@ def test_bytes_per_step_are_the_weights_and_kv_the_config_says(run, checkpoint, 
         FP32 * ((groups - 1) * layers + heads))
 
 
+@slow
 def test_flops_are_the_matmuls_the_config_says(run, checkpoint):
     results, _ = run
     q = results["qomni"]
@@ -178,6 +185,7 @@ def test_flops_are_the_matmuls_the_config_says(run, checkpoint):
                                                                rel=0.1)
 
 
+@slow
 def test_end_to_end_rows(run):
     results, _ = run
     q, ref = results["qomni"], results["transformers"]
@@ -202,6 +210,7 @@ def test_end_to_end_rows(run):
     assert all(positive(row["seconds"]) for row in ref["stages"].values())
 
 
+@slow
 def test_comparison_and_report(run):
     results, report = run
     q, comparison = results["qomni"], results["comparison"]
@@ -220,6 +229,7 @@ def test_comparison_and_report(run):
         assert label in report
 
 
+@slow
 def test_machine_reports_cpu_flags_and_torch_capability(run):
     import torch
 
@@ -241,6 +251,7 @@ def test_machine_reports_cpu_flags_and_torch_capability(run):
     assert all(f in report.splitlines()[0] for f in machine["cpu_flags"])
 
 
+@slow
 def test_a_failing_backend_is_reported_not_raised(checkpoint, tmp_path):
     broken = tmp_path / "no-weights"
     broken.mkdir()
@@ -263,6 +274,7 @@ def test_bad_settings_are_clear_errors(tmp_path, capsys):
         assert message in capsys.readouterr().err, arg
 
 
+@slow
 def test_bench_model_has_the_published_widths():
     """Every width, head and expert count equals the published config; only depths are cut."""
     proc = bench("--print-config")
