@@ -71,7 +71,9 @@ def _serve(args: argparse.Namespace) -> int:
     limits = Limits(max_request_bytes=args.max_request_mb * 1024 * 1024,
                     max_media_items=args.max_media_items,
                     max_media_seconds=args.max_media_seconds,
-                    max_realtime_sessions=args.max_realtime_sessions)
+                    max_realtime_sessions=args.max_realtime_sessions,
+                    media_timeout_s=args.media_timeout,
+                    media_networks=tuple(args.allow_media_network))
     app = create_app(omni, model_name=name,
                      api_key=args.api_key or os.environ.get("QOMNI_API_KEY") or None,
                      allowed_local_media_path=args.allowed_local_media_path,
@@ -115,6 +117,26 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _network(text: str) -> str:
+    from qomni.multimodal.fetch import parse_networks
+
+    try:
+        parse_networks([text])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qomni", description="Fast inference for Qwen3-Omni")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-media-items", type=int, default=16, help="media parts per request")
     s.add_argument("--max-media-seconds", type=float, default=600.0,
                    help="longest audio or video input")
+    s.add_argument("--media-timeout", type=_positive, default=30.0, metavar="SECONDS",
+                   help="deadline for fetching one remote media URL, redirects included")
+    s.add_argument("--allow-media-network", action="append", default=[], type=_network,
+                   metavar="CIDR", help="let remote media URLs reach this network besides "
+                   "public addresses (repeatable; e.g. 10.0.0.0/8 for an internal media host; "
+                   "loopback, private and link-local addresses are refused otherwise)")
     s.add_argument("--max-realtime-sessions", type=int, default=32,
                    help="open realtime sockets at once; more are refused (503)")
     s.add_argument("--reasoning", choices=("auto", "on", "off"), default="auto",

@@ -288,3 +288,37 @@ def test_bad_urls():
                          ("http:///a", "no host"), ("http://example.com:99999/a", "bad host")]:
         with pytest.raises(FetchError, match=message):
             fetch_url(url, max_bytes=100, timeout=1)
+
+
+# ---------------------------------------------------------------- the server's settings
+
+
+def test_serve_flags_set_the_media_policy(server):
+    pytest.importorskip("fastapi")
+    from qomni.cli import build_parser
+    from qomni.server import Limits
+
+    parse = build_parser().parse_args
+    args = parse(["serve", "--allow-remote-media", "--allow-media-network", "127.0.0.1",
+                  "--allow-media-network", "fd00::/8", "--media-timeout", "5"])
+    assert args.allow_media_network == ["127.0.0.1", "fd00::/8"] and args.media_timeout == 5.0
+    assert parse(["serve"]).allow_media_network == [] and parse(["serve"]).media_timeout == 30.0
+    for bad in (["--allow-media-network", "10.0.0.0/33"], ["--media-timeout", "0"],
+                ["--media-timeout", "inf"]):
+        with pytest.raises(SystemExit):
+            parse(["serve", *bad])
+    # what `qomni serve` builds from them
+    strict = Limits().media_policy(allow_remote=True, local_root=None)
+    opened = Limits(media_networks=tuple(args.allow_media_network),
+                    media_timeout_s=args.media_timeout).media_policy(allow_remote=True,
+                                                                     local_root=None)
+    assert opened.timeout == 5.0 and strict.timeout == 30.0
+    with pytest.raises(MediaError, match="host refused or unreachable"):
+        strict.read(f"{server}/a", name="audio #1")
+    assert opened.read(f"{server}/a", name="audio #1") == PAYLOAD
+
+
+def test_timeout_must_be_positive():
+    for timeout in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="positive number of seconds"):
+            fetch_url("http://example.com/a", max_bytes=100, timeout=timeout)

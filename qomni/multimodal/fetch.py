@@ -260,10 +260,12 @@ def fetch_url(url: str, *, max_bytes: int, timeout: float,
               allowed_networks: Iterable[str | IPNetwork] = ()) -> bytes:
     """GET an http(s) URL's body, following up to MAX_REDIRECTS redirects, within `timeout`
     seconds in all and `max_bytes` bytes; raises FetchError."""
+    if not 0 < timeout < float("inf"):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
         raise FetchError("not an http(s) URL")
     fetch = _Fetch(timeout, max_bytes, parse_networks(allowed_networks))
-    watchdog = threading.Timer(max(timeout, 0.0), fetch.expire)
+    watchdog = threading.Timer(timeout, fetch.expire)
     watchdog.daemon = True
     watchdog.start()
     try:

@@ -172,7 +172,8 @@ class MediaPolicy:
 
     The library default reads local paths anywhere and never fetches URLs; a server builds a
     stricter one (local paths only under its folder, if any). `max_seconds` caps every audio
-    clip, video and video sound track (None: no cap)."""
+    clip, video and video sound track (None: no cap). `allowed_networks`: CIDR networks a URL
+    may reach besides public addresses."""
 
     allow_remote: bool = False
     allow_local: bool = True
@@ -180,13 +181,14 @@ class MediaPolicy:
     max_bytes: int = DEFAULT_MAX_BYTES
     timeout: float = DEFAULT_TIMEOUT_S
     max_seconds: float | None = None
+    allowed_networks: tuple[str, ...] = ()
 
     @property
     def source_options(self) -> dict[str, Any]:
         """The `resolve_media` keywords of this policy (what the loaders take)."""
         return {"allow_remote": self.allow_remote, "allow_local": self.allow_local,
                 "local_root": self.local_root, "max_bytes": self.max_bytes,
-                "timeout": self.timeout}
+                "timeout": self.timeout, "allowed_networks": self.allowed_networks}
 
     def read(self, src: MediaRef, name: str) -> bytes:
         """`read_media_bytes` under this policy."""

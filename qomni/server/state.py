@@ -30,7 +30,9 @@ class Limits:
     max_media_items: int = 16  # media parts per request
     max_media_bytes: int = 48 * 1024 * 1024  # one decoded media item
     max_media_seconds: float = 600.0  # one audio or video item's duration
-    media_timeout_s: float = 30.0  # one remote download
+    media_timeout_s: float = 30.0  # one remote download, redirects included
+    # networks (CIDR) remote media may come from besides public addresses, e.g. "10.0.0.0/8"
+    media_networks: tuple[str, ...] = ()
     max_tokens: int = 8192  # the largest max_tokens a request may ask for
     default_max_tokens: int = 1024  # when the request gives none (Omni.generate's default)
     max_pending: int = 64  # requests queued or running; more get 503
@@ -41,7 +43,8 @@ class Limits:
         `local_root` (none at all without it), sizes and durations capped."""
         return MediaPolicy(allow_remote=allow_remote, allow_local=local_root is not None,
                            local_root=local_root, max_bytes=self.max_media_bytes,
-                           timeout=self.media_timeout_s, max_seconds=self.max_media_seconds)
+                           timeout=self.media_timeout_s, max_seconds=self.max_media_seconds,
+                           allowed_networks=self.media_networks)
 
 
 class Metrics:
