@@ -91,7 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _make_tiny(args: argparse.Namespace) -> int:
     from qomni.tiny import make_tiny
 
-    path = make_tiny(args.dir, seed=args.seed)
+    path = make_tiny(args.dir, seed=args.seed, audible=True)
     print(f"wrote a tiny random-weight Qwen3-Omni checkpoint to {path}")
     return 0
 

@@ -154,19 +154,24 @@ def write_tokenizer(dest: Path) -> None:
     shutil.copyfile(ASSETS / "tokenizer_config.json", dest / "tokenizer_config.json")
 
 
-def random_state_dict(cfg: OmniConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights for every parameter of the full model, in checkpoint (per-expert) keys."""
+def random_state_dict(cfg: OmniConfig, seed: int, audible: bool = False
+                      ) -> dict[str, torch.Tensor]:
+    """Random weights for every parameter of the full model, in checkpoint (per-expert) keys.
+    `audible`: the vocoder's weights at the fan-in scale (torch's default init) instead of 0.02,
+    at which its many layers shrink the output to ~1e-8, silence; its noise is then audible."""
     from qomni.models.omni import OmniModel
 
     torch.manual_seed(seed)
     model = OmniModel(cfg, audio_output=cfg.has_audio_output)
-    # The vocoder's output conv: damped, so the waveform sits well inside the clamp (~0.2 RMS).
+    # The vocoder's output conv, damped so the waveform sits well inside the clamp (~0.2 RMS).
     out_conv = (f"code2wav.decoder.{len(cfg.code2wav.upsample_rates) + 2}.conv.weight"
                 if cfg.code2wav is not None else None)
     state = {}
     for name, p in model.state_dict().items():
         t = _random_like(name, p)
-        state.update(_to_checkpoint(name, t * 0.015 if name == out_conv else t))
+        if audible and name.startswith("code2wav.") and p.ndim > 1 and "embedding" not in name:
+            t = torch.randn_like(p) / p[0].numel() ** 0.5 * (0.015 if name == out_conv else 1)
+        state.update(_to_checkpoint(name, t))
     return state
 
 
@@ -181,10 +186,6 @@ def _random_like(name: str, p: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(p)  # SnakeBeta parameters are stored as logs
     if leaf in ("scale", "gamma"):
         return torch.full_like(p, 0.01)  # layer scales
-    if name.startswith("code2wav.") and p.ndim > 1 and "embedding" not in name:
-        # At 0.02 the vocoder's many layers shrink its output to ~1e-8 (silence); at the fan-in
-        # scale (torch's default init) its noise is audible.
-        return torch.randn_like(p) / p[0].numel() ** 0.5
     return torch.randn_like(p) * 0.02
 
 
@@ -229,13 +230,14 @@ def save_sharded(state: dict[str, torch.Tensor], dest: Path, max_shard_bytes: in
 
 
 def make_tiny(dest: str | Path, config: dict[str, Any] | None = None, seed: int = 0,
-              max_shard_bytes: int = 20_000_000) -> Path:
-    """Write a tiny random checkpoint to `dest` and return its path."""
+              max_shard_bytes: int = 20_000_000, audible: bool = False) -> Path:
+    """Write a tiny random checkpoint to `dest` and return its path. `audible`: speech that is
+    audible noise rather than near silence (see `random_state_dict`); the demo checkpoint's."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(config or TINY_CONFIG)
     cfg = OmniConfig.from_hf(config)
-    save_sharded(random_state_dict(cfg, seed), dest, max_shard_bytes)
+    save_sharded(random_state_dict(cfg, seed, audible), dest, max_shard_bytes)
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = GENERATION_CONFIG if cfg.has_audio_output else {}
     (dest / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -270,7 +272,7 @@ def demo_checkpoint() -> Path:
 
     def build(tmp: Path) -> None:
         print(f"qomni: making the tiny random demo checkpoint in {path} ...", file=sys.stderr)
-        make_tiny(tmp)
+        make_tiny(tmp, audible=True)
 
     cached_checkpoint(path, build)
     print("qomni: WARNING: using the tiny demo checkpoint with RANDOM weights; its output is "

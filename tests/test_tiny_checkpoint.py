@@ -10,7 +10,7 @@ from qomni.tiny import make_tiny
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("made") / "tiny", seed=3)
+    return make_tiny(tmp_path_factory.mktemp("made") / "tiny", seed=3, audible=True)
 
 
 def test_transformers_loads_every_key(tiny):
