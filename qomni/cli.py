@@ -54,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from qomni.server import Limits, create_app
+        from qomni.server import Limits, create_app, server_config
     except ImportError as e:
         raise RuntimeError(f"`qomni serve` needs the server packages ({e.name} is missing): "
                            "pip install 'qomni[serve]'") from None
@@ -78,13 +78,16 @@ def _serve(args: argparse.Namespace) -> int:
                      api_key=args.api_key or os.environ.get("QOMNI_API_KEY") or None,
                      allowed_local_media_path=args.allowed_local_media_path,
                      allow_remote_media=args.allow_remote_media, limits=limits,
-                     reasoning={"auto": None, "on": True, "off": False}[args.reasoning])
+                     reasoning={"auto": None, "on": True, "off": False}[args.reasoning],
+                     allowed_origins=args.allowed_origins.split(",") if args.allowed_origins
+                     else None, special_tokens_in_text=args.allow_special_tokens_in_text)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qomni: serving {name!r} at http://{host}:{args.port}/v1 (OpenAI API: "
           "/v1/chat/completions, /v1/models, /v1/realtime; also /health, /metrics)",
           file=sys.stderr, flush=True)
     print(f"qomni: web demo at http://{host}:{args.port}/", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.Server(server_config(app, host=args.host, port=args.port,
+                                 log_level=args.log_level)).run()
     return 0
 
 
@@ -173,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let requests name local media files under DIR (default: none)")
     s.add_argument("--allow-remote-media", action="store_true",
                    help="let requests name http(s) media URLs, which the server fetches")
+    s.add_argument("--allowed-origins", metavar="ORIGINS",
+                   help="comma-separated web origins (https://app.example) whose pages may call "
+                        "the server, or '*' for any page (default: only the server's own pages)")
+    s.add_argument("--allow-special-tokens-in-text", action="store_true",
+                   help="read control-token strings in message text (<|im_start|>, ...) as "
+                        "control tokens, as the reference does (default: as plain text)")
     s.add_argument("--max-request-mb", type=int, default=64, help="largest request body")
     s.add_argument("--max-media-items", type=int, default=16, help="media parts per request")
     s.add_argument("--max-media-seconds", type=float, default=600.0,

@@ -8,14 +8,16 @@ import time
 
 
 def serve_in_thread(app) -> tuple[int, callable]:
-    """Start `app` on 127.0.0.1; returns (port, stop)."""
+    """Start `app` on 127.0.0.1 as `qomni serve` runs it; returns (port, stop)."""
     import uvicorn
+
+    from qomni.server import server_config
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(server_config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -9,6 +9,8 @@ loopcontrols, a `tojson` that keeps non-ASCII text, `raise_exception`, `strftime
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -27,6 +29,17 @@ class ChatError(ValueError):
     """A conversation that cannot be rendered (bad shape, or the template refused it)."""
 
 
+class PromptTooLong(ValueError):
+    """A prompt that leaves no room for a reply in a sequence of `max_model_len` tokens."""
+
+    def __init__(self, tokens: int, max_model_len: int, *, at_least: bool = False):
+        self.tokens, self.max_model_len = tokens, max_model_len
+        counted = f"at least {tokens}" if at_least else str(tokens)
+        super().__init__(f"the prompt has {counted} tokens; this engine holds at most "
+                         f"{max_model_len} per sequence (max_model_len; raise it with "
+                         "`qomni serve --max-model-len`)")
+
+
 class Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -34,15 +47,56 @@ class Tokenizer:
         if not file.exists():
             raise FileNotFoundError(f"no tokenizer.json at {file}")
         self._tok = _HFTokenizer.from_file(str(file))
+        self._literal: _HFTokenizer | None = None  # the same, reading control tokens as text
         config_file = file.parent / "tokenizer_config.json"
         self.config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        # A text of n characters has at least n / max_token_chars tokens (byte-level BPE: a
+        # token's string is never shorter than the text it stands for).
+        self.max_token_chars = max(map(len, self._tok.get_vocab(with_added_tokens=True)))
+        self.control_tokens = tuple(t.content for t in
+                                    self._tok.get_added_tokens_decoder().values() if t.special)
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, max_model_len: int | None = None,
+               literal: LiteralText | None = None) -> list[int]:
+        """Token ids of `text`, control tokens (`<|im_start|>`, ...) parsed as such, except in
+        the spans `literal` masked. `max_model_len`: a text that certainly has that many
+        tokens is refused (`PromptTooLong`) from its length alone, before any tokenizing."""
+        at_least = len(text) // self.max_token_chars
+        if max_model_len is not None and at_least >= max_model_len:
+            raise PromptTooLong(at_least, max_model_len, at_least=True)
+        if literal is None or not literal.used:
+            return self._encode(self._tok, text)
+        if self._literal is None:
+            self._literal = _HFTokenizer.from_str(self._tok.to_str())
+            self._literal.encode_special_tokens = True
+        ids: list[int] = []
+        # The control tokens left are the template's: split there, as the tokenizer itself
+        # does, and read the client's text (unmasked) with control tokens as plain text.
+        for k, piece in enumerate(literal.pattern.split(text)):
+            if k % 2:
+                ids.append(self.token_id(piece))
+            elif literal.marked(piece):
+                ids += self._encode(self._literal, literal.unmask(piece))
+            elif piece:
+                ids += self._encode(self._tok, piece)
+        return ids
+
+    @staticmethod
+    def _encode(tok: _HFTokenizer, text: str) -> list[int]:
+        # encode_batch, unlike encode, lets go of the GIL while it works: a long prompt being
+        # tokenized on a worker thread does not stop the others (a server's event loop).
+        try:
+            return tok.encode_batch([text], add_special_tokens=False)[0].ids
+        except TypeError:  # what tokenizers raises for a str that is not valid Unicode
+            bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+            if bad is None:
+                raise
+            raise ChatError(f"the prompt is not valid Unicode text (a lone surrogate at "
+                            f"character {bad})") from None
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -63,6 +117,43 @@ class Tokenizer:
             if value is not None:
                 out[key] = value
         return out
+
+
+class LiteralText:
+    """Message text read as text: the control-token strings a client writes in it
+    (`<|im_end|>`, `<|im_start|>system`, `<|audio_pad|>`) are masked before the chat template
+    runs and read back as plain text by `Tokenizer.encode`, so only the template writes
+    control tokens. Text without such strings tokenizes exactly as before."""
+
+    _MEDIA_KEYS = frozenset(("image", "audio", "video", "image_url", "audio_url", "video_url"))
+
+    def __init__(self, control_tokens: Sequence[str]):
+        tokens = sorted(control_tokens, key=len, reverse=True)  # longest first, as a tokenizer
+        self.pattern = re.compile("(" + "|".join(map(re.escape, tokens)) + ")")
+        nonce = secrets.token_hex(8)  # a client cannot write a mark it has never seen
+        self._marks = {t: f"\ue000{nonce}:{k}\ue001" for k, t in enumerate(tokens)}
+        self._unmarks = {m: t for t, m in self._marks.items()}
+        self._mark = re.compile("\ue000" + nonce + ":[0-9]+\ue001")
+        self.used = False
+
+    def mask(self, value: Any) -> Any:
+        """`value` (messages, tools) with control-token strings in its text masked; media
+        sources are left alone."""
+        if isinstance(value, str):
+            masked, n = self.pattern.subn(lambda m: self._marks[m.group()], value)
+            self.used |= n > 0
+            return masked
+        if isinstance(value, Mapping):
+            return {k: v if k in self._MEDIA_KEYS else self.mask(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.mask(v) for v in value)
+        return value
+
+    def marked(self, text: str) -> bool:
+        return self._mark.search(text) is not None
+
+    def unmask(self, text: str) -> str:
+        return self._mark.sub(lambda m: self._unmarks[m.group()], text)
 
 
 class StreamDecoder:

@@ -28,7 +28,14 @@ from qomni.config import OmniConfig, PreprocessorConfig
 from qomni.models.audio_encoder import window_frames
 from qomni.models.thinker import MediaInputs
 from qomni.multimodal.audio import load_audio, log_mel_features
-from qomni.multimodal.chat import ChatError, Tokenizer, load_chat_template, render_chat
+from qomni.multimodal.chat import (
+    ChatError,
+    LiteralText,
+    PromptTooLong,
+    Tokenizer,
+    load_chat_template,
+    render_chat,
+)
 from qomni.multimodal.media import MediaPolicy, resolve_media
 from qomni.multimodal.positions import audio_token_count, expand_placeholders, rope_index
 from qomni.multimodal.video import (
@@ -75,12 +82,22 @@ class Processor:
 
     def __call__(self, messages: Sequence[Mapping[str, Any]], *,
                  tools: Sequence[dict] | None = None, use_audio_in_video: bool = False,
-                 media: MediaPolicy | None = None, **template_kwargs: Any) -> ProcessedInputs:
-        """`media`: this call's media policy (default: the processor's)."""
+                 media: MediaPolicy | None = None, literal_text: bool = False,
+                 max_model_len: int | None = None, **template_kwargs: Any) -> ProcessedInputs:
+        """`media`: this call's media policy (default: the processor's). `literal_text`:
+        control-token strings in the messages' text are text, not control tokens (the
+        reference, and the default, parses them). `max_model_len`: a prompt that leaves no
+        room for a reply in a sequence this long is refused (`PromptTooLong`) before its
+        media are decoded, and one far too long before it is even tokenized."""
         policy = media or self.media
         parts = media_parts(messages)
+        literal = LiteralText(self.tokenizer.control_tokens) if literal_text else None
+        if literal is not None:
+            messages, tools = literal.mask(messages), literal.mask(tools)
         prompt = self.render(messages, tools=tools, **template_kwargs)
-        ids = self.tokenizer.encode(prompt)
+        ids = self.tokenizer.encode(prompt, max_model_len=max_model_len, literal=literal)
+        if max_model_len is not None and len(ids) >= max_model_len:  # media add more
+            raise PromptTooLong(len(ids), max_model_len, at_least=True)
         inputs = MediaInputs()
         videos = [part for kind, part in parts if kind == "video"]
         # A video file is fetched once, for its frames and (audio in video) its sound track.

@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,7 @@ from qomni.server.wire import (
     b64,
     chunk,
     new_id,
+    parse_json,
     parse_request,
 )
 
@@ -59,10 +60,12 @@ Piece = str | Reasoning | dict | np.ndarray | tuple[str, UsageInfo]
 
 @dataclass
 class Job:
-    """One prepared request: what `Omni.astream` gets."""
+    """One prepared request: what `Omni.astream` gets, and where each media item came from
+    (the processor names them "image #1", ...; the client wrote `messages[0].content[1]`)."""
 
     messages: list[dict]
     kwargs: dict[str, Any]
+    media_params: dict[str, str] = field(default_factory=dict)
 
     @property
     def tools(self) -> bool:
@@ -84,13 +87,8 @@ async def chat_completions(request: Request) -> Response:
     state = app_state(request)
     t0 = time.perf_counter()
     raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})") from None
-    req = parse_request(data)
-    try:
-        job = await run_in_threadpool(prepare, state, req)
+    try:  # parsing a large body is work too: never on the event loop
+        req, job = await run_in_threadpool(_parse_and_prepare, state, raw)
     except Exception as e:  # noqa: BLE001 - mapped to 4xx/5xx
         raise as_api_error(e) from None
     pieces = respond(state, job, t0)
@@ -105,8 +103,12 @@ async def chat_completions(request: Request) -> Response:
     return await _whole(state, request, req, first, pieces)
 
 
-def _resolver(state: AppState):
+def _resolver(state: AppState, params: dict[str, str]):
+    counts = dict.fromkeys(("image", "audio", "video"), 0)
+
     def resolve(kind: str, ref: str, param: str) -> bytes | np.ndarray:
+        counts[kind] += 1  # called in placeholder order, as the processor counts
+        params[f"{kind} #{counts[kind]}"] = param
         data = state.media.read(ref, param)
         if kind != "audio":
             return data
@@ -115,6 +117,11 @@ def _resolver(state: AppState):
         return load_audio(data, sampling_rate=state.omni.processor.pre.sampling_rate,
                           max_seconds=state.media.max_seconds, name=param)
     return resolve
+
+
+def _parse_and_prepare(state: AppState, raw: bytes) -> tuple[ChatCompletionRequest, Job]:
+    req = parse_request(parse_json(raw))
+    return req, prepare(state, req)
 
 
 def prepare(state: AppState, req: ChatCompletionRequest) -> Job:
@@ -127,6 +134,8 @@ def prepare(state: AppState, req: ChatCompletionRequest) -> Job:
         raise APIError(400, "n: only n=1 is supported", param="n")
     if req.logprobs:
         raise APIError(400, "logprobs are not supported", param="logprobs")
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported", param="logit_bias")
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise APIError(400, "response_format: only {'type': 'text'} is supported",
                        param="response_format")
@@ -141,13 +150,14 @@ def prepare(state: AppState, req: ChatCompletionRequest) -> Job:
                        "request", param="messages")
     max_new = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
     if max_new > limits.max_tokens:
-        raise APIError(400, f"max_tokens {max_new} is over this server's limit of "
-                       f"{limits.max_tokens}", param="max_completion_tokens")
+        asked = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        raise APIError(400, f"{asked} {max_new} is over this server's limit of "
+                       f"{limits.max_tokens}", param=asked)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new, "seed": req.seed,
                               "return_audio": req.wants_audio,
                               "use_audio_in_video": req.audio_in_video,
                               "stop": req.stop_strings,  # the engine ends text and speech
-                              "media": state.media}
+                              "media": state.media, "literal_text": state.literal_text}
     talker = omni.config.talker
     if req.wants_audio and not omni.model.audio_output:
         raise APIError(400, "this model cannot produce audio (no talker loaded); ask for "
@@ -179,9 +189,10 @@ def prepare(state: AppState, req: ChatCompletionRequest) -> Job:
             raise APIError(400, "chat_template_kwargs.enable_thinking must be a boolean",
                            param="chat_template_kwargs")
         kwargs["chat_template_kwargs"] = {"enable_thinking": thinking}
-    messages = to_conversation(req.messages, _resolver(state), transcripts=state.transcripts.get,
-                               tools=use_tools)
-    return Job(messages, kwargs)
+    params: dict[str, str] = {}
+    messages = to_conversation(req.messages, _resolver(state, params),
+                               transcripts=state.transcripts.get, tools=use_tools)
+    return Job(messages, kwargs, params)
 
 
 async def respond(state: AppState, job: Job, t0: float) -> AsyncIterator[Piece]:
@@ -202,7 +213,7 @@ async def respond(state: AppState, job: Job, t0: float) -> AsyncIterator[Piece]:
     finished: Finished | None = None
     metrics.running.inc()
     try:
-        async with contextlib.aclosing(state.admission.stream(job.messages, job.kwargs)) as evs:
+        async with contextlib.aclosing(_stream(state, job)) as evs:
             async for ev in evs:
                 if isinstance(ev, TextDelta):
                     if first_text and ev.token_ids:
@@ -238,6 +249,18 @@ async def respond(state: AppState, job: Job, t0: float) -> AsyncIterator[Piece]:
     finally:
         metrics.running.dec()
         metrics.latency.observe(time.perf_counter() - t0)
+
+
+async def _stream(state: AppState, job: Job) -> AsyncIterator[TextDelta | AudioChunk | Finished]:
+    """The request's events; a media error names the item as the client wrote it."""
+    try:
+        async with contextlib.aclosing(state.admission.stream(job.messages, job.kwargs)) as evs:
+            async for ev in evs:
+                yield ev
+    except MediaError as e:
+        if e.name not in job.media_params:
+            raise
+        raise MediaError(job.media_params[e.name], e.reason) from None
 
 
 async def _until_disconnect(request: Request) -> None:

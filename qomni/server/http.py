@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -26,9 +28,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qomni.omni import Omni
 from qomni.server.chat import as_api_error, chat_completions
 from qomni.server.guard import Guard
+from qomni.server.origins import OriginPolicy
 from qomni.server.realtime import realtime
 from qomni.server.state import Admission, AppState, Limits, app_state
 from qomni.server.wire import APIError
+
+if TYPE_CHECKING:
+    import uvicorn
 
 STATIC = Path(__file__).parent / "static"  # the web demo, served at / and /static/
 
@@ -36,13 +42,19 @@ STATIC = Path(__file__).parent / "static"  # the web demo, served at / and /stat
 def create_app(omni: Omni, *, model_name: str | None = None, api_key: str | None = None,
                allowed_local_media_path: str | os.PathLike | None = None,
                allow_remote_media: bool = False, limits: Limits | None = None,
-               reasoning: bool | None = None) -> FastAPI:
+               reasoning: bool | None = None,
+               allowed_origins: Sequence[str] | None = None,
+               special_tokens_in_text: bool = False) -> FastAPI:
     """The FastAPI app serving `omni` under `model_name` (default: the checkpoint
     directory's name). `api_key`: required as `Authorization: Bearer KEY` on /v1 when set.
     `reasoning`: answer with `reasoning_content` (the text before `</think>`) apart from
     `content`; default: on for a checkpoint whose directory name says "Thinking".
     Media: remote URLs only with `allow_remote_media`; local paths only under
-    `allowed_local_media_path` (none at all without it)."""
+    `allowed_local_media_path` (none at all without it). `allowed_origins`: web pages of
+    these origins may call the server too (`["*"]`: any page); by default only its own.
+    `special_tokens_in_text`: read control-token strings in message text (`<|im_start|>`,
+    ...) as control tokens, as the reference does; by default they are plain text, so a
+    client cannot forge turns or media placeholders."""
     limits = limits or Limits()
     if reasoning is None:
         reasoning = "thinking" in Path(omni.path).name.lower()
@@ -50,11 +62,13 @@ def create_app(omni: Omni, *, model_name: str | None = None, api_key: str | None
     state = AppState(
         omni=omni, name=model_name or Path(omni.path).name, limits=limits,
         media=limits.media_policy(allow_remote=allow_remote_media, local_root=local_root),
-        api_key=api_key, reasoning=reasoning, admission=Admission(omni, limits.max_pending))
+        api_key=api_key, reasoning=reasoning, literal_text=not special_tokens_in_text,
+        admission=Admission(omni, limits.max_pending),
+        origins=OriginPolicy(allowed_origins))
 
     app = FastAPI(title="qomni", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.qomni = state
-    app.add_middleware(Guard, limits=limits, metrics=state.metrics)
+    app.add_middleware(Guard, limits=limits, metrics=state.metrics, origins=state.origins)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal)
@@ -70,6 +84,18 @@ def create_app(omni: Omni, *, model_name: str | None = None, api_key: str | None
                       dependencies=v1)
     app.add_api_websocket_route("/v1/realtime", realtime)
     return app
+
+
+def server_config(app: FastAPI, **kwargs: Any) -> uvicorn.Config:
+    """How `qomni serve` runs `app` under uvicorn (`kwargs`: host, port, log_level, ...). The
+    realtime socket is served by wsproto: it refuses a handshake with the app's status and
+    JSON without logging a spurious error, as uvicorn's websockets-sansio protocol does. A
+    WebSocket message may be twice the request limit: up to that, an oversized event gets an
+    `error` event and the session goes on; beyond it uvicorn closes the socket (1009)."""
+    import uvicorn
+
+    limits = app_state(app).limits
+    return uvicorn.Config(app, ws="wsproto", ws_max_size=2 * limits.max_request_bytes, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- errors

@@ -19,9 +19,10 @@ Barge-in: with `interrupt_response` (the default) `speech_started` during a resp
 `response.done` with status `cancelled`, reason `turn_detected`. A turn that ends while a response
 runs gets its own response when that one is done.
 
-Handshake: the API key (when the server has one) as `Authorization: Bearer KEY`, the browser
-subprotocol `openai-insecure-api-key.KEY`, or `?api_key=KEY`; `?model=` must name the served
-model. Refusals are HTTP 401/404/400 with OpenAI error JSON.
+Handshake: a browser page's `Origin` must be allowed (origins.py); the API key (when the server
+has one) as `Authorization: Bearer KEY`, the browser subprotocol `openai-insecure-api-key.KEY`,
+or `?api_key=KEY`; `?model=` must name the served model. Refusals are HTTP 403/401/404/400/503
+with OpenAI error JSON.
 
 Limits: one WebSocket message at most `Limits.max_request_bytes`; the input buffer at most
 `Limits.max_media_seconds` (see `realtime_audio.py`); an image at most `Limits.max_media_bytes`.
@@ -57,6 +58,9 @@ log = logging.getLogger("qomni.server.realtime")
 async def realtime(ws: WebSocket) -> None:
     """`WS /v1/realtime`: the handshake's checks, then one `Session` until the socket closes."""
     state = app_state(ws)
+    origin = ws.headers.get("origin")
+    if not state.origins.allows(origin, ws.headers.get("host")):
+        return await _deny(ws, state.origins.refusal(origin or ""))
     if state.api_key is not None:
         given = _given_key(ws) or ""
         if not hmac.compare_digest(given.encode(), state.api_key.encode()):

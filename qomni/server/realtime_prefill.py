@@ -29,8 +29,8 @@ class TurnPrefill:
     """At most one prefix being built at a time; each new one replaces the last (continuing its
     row when it starts with it)."""
 
-    def __init__(self, omni: Omni, media: MediaPolicy):
-        self.omni, self.media = omni, media
+    def __init__(self, omni: Omni, media: MediaPolicy, literal_text: bool):
+        self.omni, self.media, self.literal_text = omni, media, literal_text
         self.task: asyncio.Future[PromptPrefix] | None = None
         self.windows = 0  # finished windows of the current turn in the prefix
 
@@ -55,7 +55,7 @@ class TurnPrefill:
                     replaces = await old
             return await asyncio.to_thread(self.omni.open_prefix, messages,
                                            partial=audio is not None, replaces=replaces,
-                                           media=self.media)
+                                           media=self.media, literal_text=self.literal_text)
 
         self.task = asyncio.ensure_future(open_())
 

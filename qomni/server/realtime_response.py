@@ -67,7 +67,8 @@ class Response:
         return out
 
 
-async def usage_json(resp: Response, omni: Omni, media: MediaPolicy) -> dict[str, Any]:
+async def usage_json(resp: Response, omni: Omni, media: MediaPolicy, literal_text: bool
+                     ) -> dict[str, Any]:
     if resp.finished is not None:
         u = resp.finished.usage
         prompt, text, frames = u.prompt_tokens, u.completion_tokens, u.audio_frames
@@ -78,8 +79,8 @@ async def usage_json(resp: Response, omni: Omni, media: MediaPolicy) -> dict[str
         text, frames = resp.tokens, round(resp.audio_seconds / frame_seconds)
         cached = 0
         try:
-            prompt = await asyncio.to_thread(lambda: len(omni.process(resp.messages,
-                                                                      media=media)))
+            prompt = await asyncio.to_thread(lambda: len(omni.process(
+                resp.messages, media=media, literal_text=literal_text)))
         except Exception:  # noqa: BLE001 - the prompt itself was the problem
             prompt = 0
     return {"total_tokens": prompt + text + frames, "input_tokens": prompt,
@@ -91,12 +92,12 @@ async def usage_json(resp: Response, omni: Omni, media: MediaPolicy) -> dict[str
 async def open_stream(omni: Omni, resp: Response, prefix: PromptPrefix | None,
                       conversation: Conversation,
                       messages: Callable[[str], list[dict[str, Any]]],
-                      media: MediaPolicy) -> AsyncIterator[Event]:
+                      media: MediaPolicy, literal_text: bool) -> AsyncIterator[Event]:
     """Omni.astream on the response's conversation, started (continuing `prefix`); while the
     engine refuses the prompt as too long, the oldest exchange is dropped and the prompt
     rebuilt (`messages(instructions)`)."""
     while True:
-        kwargs = generate_kwargs(resp.cfg) | {"media": media}
+        kwargs = generate_kwargs(resp.cfg) | {"media": media, "literal_text": literal_text}
         if prefix is not None:
             kwargs["prefix"] = prefix
         events = omni.astream(resp.messages, **kwargs)

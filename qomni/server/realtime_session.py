@@ -40,9 +40,39 @@ from qomni.server.realtime_conversation import (
 from qomni.server.realtime_prefill import TurnPrefill
 from qomni.server.realtime_response import Response, as_realtime_error, open_stream, usage_json
 from qomni.server.state import AppState
-from qomni.server.wire import new_id
+from qomni.server.wire import invalid_text, new_id
 
 log = logging.getLogger("qomni.server.realtime")
+BIG_EVENT_CHARS = 1 << 20
+
+
+async def _parse_event(text: str) -> dict[str, Any]:
+    """One client event: a JSON object (standard JSON). A large one is parsed on a worker
+    thread, not on the event loop."""
+    try:
+        if len(text) > BIG_EVENT_CHARS:
+            ev = await asyncio.to_thread(json.loads, text, parse_constant=_no_constant)
+        else:
+            ev = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise RealtimeError("the message is nested too deeply", code="invalid_json") from None
+    except ValueError as e:
+        raise RealtimeError(f"the message is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(ev, dict):
+        raise RealtimeError("an event must be a JSON object", code="invalid_event")
+    return ev
+
+
+def _check_text(ev: dict[str, Any]) -> None:
+    bad = invalid_text(ev)
+    if bad is not None:
+        path, index = bad
+        raise RealtimeError(f"{path}: not valid Unicode text (a lone surrogate at character "
+                            f"{index})", param=path, code="invalid_text")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 class Session:
@@ -58,7 +88,7 @@ class Session:
                                       state.limits.max_media_seconds)
         self.response: Response | None = None
         self.pending_response = False  # a VAD turn ended while a response was running
-        self.prefill = TurnPrefill(state.omni, state.media)
+        self.prefill = TurnPrefill(state.omni, state.media, state.literal_text)
         self._send_lock = asyncio.Lock()
         self._closed = False
 
@@ -128,14 +158,10 @@ class Session:
                 raise RealtimeError("events are JSON text messages, not binary",
                                     code="invalid_event")
             self._check_size(len(text.encode("utf-8", "surrogatepass")))
-            try:
-                ev = json.loads(text)
-            except ValueError as e:
-                raise RealtimeError(f"the message is not valid JSON ({e})",
-                                    code="invalid_json") from None
-            if not isinstance(ev, dict):
-                raise RealtimeError("an event must be a JSON object", code="invalid_event")
-            event_id = ev.get("event_id") if isinstance(ev.get("event_id"), str) else None
+            ev = await _parse_event(text)
+            given = ev.get("event_id")
+            event_id = given if isinstance(given, str) and invalid_text(given) is None else None
+            _check_text(ev)  # every string of the event, once, before any handler reads it
             kind = ev.get("type")
             handler = self.HANDLERS.get(kind) if isinstance(kind, str) else None
             if handler is None:
@@ -292,7 +318,8 @@ class Session:
                 "content_index": 0}
         try:
             events = await open_stream(self.omni, resp, await self.prefill.take(),
-                                       self.conversation, self.messages, self.state.media)
+                                       self.conversation, self.messages, self.state.media,
+                                       self.state.literal_text)
             async with contextlib.aclosing(events):
                 async for ev in events:
                     if isinstance(ev, TextDelta):
@@ -341,7 +368,7 @@ class Session:
                         item=item_json(item, self.ga))
         if self.ga:
             await self.emit("conversation.item.done", item=item_json(item, self.ga))
-        usage = await usage_json(resp, self.omni, self.state.media)
+        usage = await usage_json(resp, self.omni, self.state.media, self.state.literal_text)
         await self.emit("response.done", response=resp.to_json(self.ga, self.id, usage))
         self.response = None
         if self.pending_response and not self._closed:

@@ -18,6 +18,7 @@ from starlette.requests import HTTPConnection
 from qomni.events import AudioChunk, Finished, TextDelta
 from qomni.multimodal.media import MediaPolicy
 from qomni.omni import Omni
+from qomni.server.origins import OriginPolicy
 from qomni.server.wire import APIError
 
 AUDIO_TTL_S = 3600  # how long an audio id's transcript is kept for later turns (expires_at)
@@ -124,7 +125,9 @@ class AppState:
     media: MediaPolicy
     api_key: str | None
     reasoning: bool  # answer with reasoning_content apart from content
+    literal_text: bool  # control-token strings in message text are text
     admission: Admission
+    origins: OriginPolicy
     metrics: Metrics = field(default_factory=Metrics)
     transcripts: Transcripts = field(default_factory=Transcripts)
     created: int = field(default_factory=lambda: int(time.time()))

@@ -4,6 +4,7 @@ and the streamed chunk. Nothing here touches the model."""
 from __future__ import annotations
 
 import base64
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ def new_id(prefix: str) -> str:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+MAX_REPETITION_PENALTY = 10.0  # the same bound on every endpoint
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -56,12 +60,63 @@ def validation_error(e: ValidationError, data: Any) -> APIError:
     return APIError(400, f"{param or 'body'}: {msg}", param=param or None, code=code)
 
 
+def invalid_text(data: Any) -> tuple[str, int] | None:
+    """(path, index) of the first string in a parsed JSON document that is not valid Unicode
+    text (a lone surrogate, which JSON's \\u escapes can write and no tokenizer takes), or
+    None. Paths are written `messages[0].content`, as `param` is; keys are checked too."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:  # iterative: a deep document is fine here (json.loads bounds the depth)
+        path, node = stack.pop()
+        if isinstance(node, str):
+            bad = _lone_surrogate(node)
+            if bad is not None:
+                return path, bad
+        elif isinstance(node, dict):
+            for k, v in reversed(node.items()):
+                bad = _lone_surrogate(k)
+                if bad is not None:
+                    return path or "body", bad
+                stack.append((f"{path}.{k}" if path else k, v))
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(node))))
+    return None
+
+
+def _lone_surrogate(s: str) -> int | None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """A request body or event: standard JSON (no NaN or Infinity), every string valid text."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(400, "the JSON is nested too deeply") from None
+    except ValueError as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    bad = invalid_text(data)
+    if bad is not None:
+        path, index = bad
+        raise APIError(400, f"{path or 'body'}: not valid Unicode text (a lone surrogate at "
+                       f"character {index})", param=path or None, code="invalid_text")
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 # ---------------------------------------------------------------------------------- request
 
 
 class _Loose(BaseModel):
-    # OpenAI clients send many optional fields we do not use; unknown fields are ignored.
-    model_config = ConfigDict(extra="allow")
+    # OpenAI clients send many optional fields we do not use: unknown fields are ignored. Known
+    # ones are strict: no "yes" for a boolean, no true for an integer.
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class TextPart(_Loose):
@@ -181,8 +236,11 @@ class ChatCompletionRequest(_Loose):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto"] | dict[str, Any] | str | None = None
     # Extensions (vLLM / vLLM-Omni / qomni), sent by the openai client through `extra_body`.
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Any] | None = None
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
     max_audio_frames: int | None = Field(None, ge=1)
     speaker: str | None = None  # alias of audio.voice
     voice: str | None = None  # alias of audio.voice
