@@ -27,8 +27,10 @@ class GenerateOptions:
 
     The prompt: use_audio_in_video (a video's sound track is its audio), tools (function
     schemas for the chat template), chat_template_kwargs (the template's other variables,
-    e.g. {"enable_thinking": False}) and media (a `MediaPolicy` for this request's media
-    references; None: the processor's)."""
+    e.g. {"enable_thinking": False}), media (a `MediaPolicy` for this request's media
+    references; None: the processor's) and literal_text (control-token strings such as
+    `<|im_start|>` in the messages' text are plain text, not control tokens: the server's
+    default; the reference parses them)."""
 
     max_new_tokens: int = 1024
     sampling: SamplingParams | None = None
@@ -44,6 +46,7 @@ class GenerateOptions:
     tools: Sequence[Mapping[str, Any]] | None = None
     chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     media: MediaPolicy | None = None
+    literal_text: bool = False
 
     def __post_init__(self) -> None:
         _int("max_new_tokens", self.max_new_tokens)
@@ -53,9 +56,9 @@ class GenerateOptions:
             value = getattr(self, name)
             if value is not None and not isinstance(value, SamplingParams):
                 raise ValueError(f"{name} must be a SamplingParams, got {type(value).__name__}")
-        for name in ("return_audio", "use_audio_in_video"):
+        for name in ("return_audio", "use_audio_in_video", "literal_text"):
             value = getattr(self, name)
-            if not isinstance(value, bool) and (value is not None or name == "use_audio_in_video"):
+            if not isinstance(value, bool) and (value is not None or name != "return_audio"):
                 raise ValueError(f"{name} must be a boolean, got {value!r}")
         if self.speaker is not None and not (isinstance(self.speaker, str) and self.speaker):
             raise ValueError(f"speaker must be a voice name, got {self.speaker!r}")
@@ -74,7 +77,8 @@ class GenerateOptions:
         kw = self.chat_template_kwargs
         if not isinstance(kw, Mapping) or not all(isinstance(k, str) for k in kw):
             raise ValueError(f"chat_template_kwargs must map names to values, got {kw!r}")
-        taken = {"messages", "tools", "add_generation_prompt", "media"} & set(kw)
+        taken = {"messages", "tools", "add_generation_prompt", "media", "literal_text",
+                 "max_model_len"} & set(kw)
         if taken:
             raise ValueError(f"chat_template_kwargs cannot set {', '.join(sorted(taken))}")
         object.__setattr__(self, "chat_template_kwargs", dict(kw))
@@ -99,13 +103,15 @@ class GenerateOptions:
 
     def template_kwargs(self) -> dict[str, Any]:
         """What `Processor` takes besides the messages: the template's variables,
-        use_audio_in_video and the media policy."""
+        use_audio_in_video, the media policy and literal_text."""
         kw: dict[str, Any] = {**self.chat_template_kwargs,
                               "use_audio_in_video": self.use_audio_in_video}
         if self.tools is not None:
             kw["tools"] = list(self.tools)
         if self.media is not None:
             kw["media"] = self.media
+        if self.literal_text:
+            kw["literal_text"] = True
         return kw
 
 

@@ -567,7 +567,7 @@ def test_tool_call_wire_format(live):
                        if getattr(d, "audio", None) and _fields(d.audio).get("data"))
         assert pcm == pcm16(np.full(1920, 0.25)).tobytes()
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
-        assert [c["speech_stop"] for c in scripted.calls] == [["<tool_call>"]] * 2
+        assert [c["options"].speech_stop for c in scripted.calls] == [("<tool_call>",)] * 2
     finally:
         stop()
 

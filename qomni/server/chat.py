@@ -34,6 +34,7 @@ from qomni.audio_out import encode_audio, pcm16
 from qomni.events import AudioChunk, Finished, TextDelta
 from qomni.multimodal.audio import load_audio
 from qomni.multimodal.media import MediaError
+from qomni.options import GenerateOptions
 from qomni.sampling import SamplingParams
 from qomni.server.filters import TOOL_OPEN, OutputFilter, Reasoning, ReasoningSplitter
 from qomni.server.messages import count_media, to_conversation
@@ -64,12 +65,8 @@ class Job:
     (the processor names them "image #1", ...; the client wrote `messages[0].content[1]`)."""
 
     messages: list[dict]
-    kwargs: dict[str, Any]
+    options: GenerateOptions
     media_params: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def tools(self) -> bool:
-        return "tools" in self.kwargs
 
 
 def as_api_error(e: BaseException) -> APIError:
@@ -153,11 +150,11 @@ def prepare(state: AppState, req: ChatCompletionRequest) -> Job:
         asked = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         raise APIError(400, f"{asked} {max_new} is over this server's limit of "
                        f"{limits.max_tokens}", param=asked)
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new, "seed": req.seed,
-                              "return_audio": req.wants_audio,
-                              "use_audio_in_video": req.audio_in_video,
-                              "stop": req.stop_strings,  # the engine ends text and speech
-                              "media": state.media, "literal_text": state.literal_text}
+    options: dict[str, Any] = {"max_new_tokens": max_new, "seed": req.seed,
+                               "return_audio": req.wants_audio,
+                               "use_audio_in_video": req.audio_in_video,
+                               "stop": req.stop_strings,  # the engine ends text and speech
+                               "media": state.media, "literal_text": state.literal_text}
     talker = omni.config.talker
     if req.wants_audio and not omni.model.audio_output:
         raise APIError(400, "this model cannot produce audio (no talker loaded); ask for "
@@ -170,36 +167,36 @@ def prepare(state: AppState, req: ChatCompletionRequest) -> Job:
             talker.speaker(voice)
         except ValueError as e:
             raise APIError(400, str(e), param="audio.voice", code="invalid_voice") from None
-        kwargs["speaker"] = voice
+        options["speaker"] = voice
     if req.wants_audio and req.max_audio_frames is not None:
-        kwargs["max_audio_frames"] = req.max_audio_frames
+        options["max_audio_frames"] = req.max_audio_frames
     # No temperature: the model's reference default, a greedy thinker (OpenAI's default of 1
     # would sample). temperature 0 is greedy too.
     if req.temperature:
-        kwargs["sampling"] = SamplingParams(
+        options["sampling"] = SamplingParams(
             temperature=req.temperature, top_p=req.top_p or 1.0, top_k=req.top_k or 0,
             repetition_penalty=req.repetition_penalty or 1.0)
     use_tools = bool(req.tools) and req.tool_choice != "none"
     if use_tools:
-        kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
-        kwargs["speech_stop"] = [TOOL_OPEN]  # tool calls are written, never spoken
+        options["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+        options["speech_stop"] = [TOOL_OPEN]  # tool calls are written, never spoken
     thinking = (req.chat_template_kwargs or {}).get("enable_thinking")
     if thinking is not None:
         if not isinstance(thinking, bool):
             raise APIError(400, "chat_template_kwargs.enable_thinking must be a boolean",
                            param="chat_template_kwargs")
-        kwargs["chat_template_kwargs"] = {"enable_thinking": thinking}
+        options["chat_template_kwargs"] = {"enable_thinking": thinking}
     params: dict[str, str] = {}
     messages = to_conversation(req.messages, _resolver(state, params),
                                transcripts=state.transcripts.get, tools=use_tools)
-    return Job(messages, kwargs, params)
+    return Job(messages, GenerateOptions(**options), params)
 
 
 async def respond(state: AppState, job: Job, t0: float) -> AsyncIterator[Piece]:
     """The engine's events as response pieces (see `Piece`)."""
     metrics = state.metrics
-    out = OutputFilter(parse_tools=job.tools)
-    template = job.kwargs.get("chat_template_kwargs", {})
+    out = OutputFilter(parse_tools=job.options.tools is not None)
+    template = job.options.chat_template_kwargs
     thinks = state.reasoning and template.get("enable_thinking") is not False
     split = ReasoningSplitter() if thinks else None
 
@@ -254,7 +251,7 @@ async def respond(state: AppState, job: Job, t0: float) -> AsyncIterator[Piece]:
 async def _stream(state: AppState, job: Job) -> AsyncIterator[TextDelta | AudioChunk | Finished]:
     """The request's events; a media error names the item as the client wrote it."""
     try:
-        async with contextlib.aclosing(state.admission.stream(job.messages, job.kwargs)) as evs:
+        async with contextlib.aclosing(state.admission.stream(job.messages, job.options)) as evs:
             async for ev in evs:
                 yield ev
     except MediaError as e:

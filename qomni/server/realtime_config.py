@@ -32,7 +32,9 @@ import binascii
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from qomni.multimodal.media import MediaPolicy
 from qomni.omni import DEFAULT_SPEAKER, Omni
+from qomni.options import GenerateOptions
 from qomni.sampling import SamplingParams
 from qomni.server.state import Limits
 
@@ -383,16 +385,16 @@ def session_json(c: SessionConfig, dialect: str | None, session_id: str, model_n
     return {**common, **(ga if dialect == "openai" else beta)}
 
 
-def generate_kwargs(cfg: SessionConfig) -> dict[str, Any]:
-    """SessionConfig -> Omni.astream keywords (a greedy thinker unless temperature > 0)."""
-    kw: dict[str, Any] = {"max_new_tokens": cfg.max_tokens, "return_audio": cfg.output_audio,
-                          "seed": cfg.seed}
-    if cfg.output_audio:
-        kw["speaker"] = cfg.voice
-        if cfg.max_audio_frames is not None:
-            kw["max_audio_frames"] = cfg.max_audio_frames
+def generate_options(cfg: SessionConfig, media: MediaPolicy, literal_text: bool
+                     ) -> GenerateOptions:
+    """What one response asks of Omni.astream (a greedy thinker unless temperature > 0)."""
+    speak = cfg.output_audio
+    sampling = None
     if cfg.temperature:
-        kw["sampling"] = SamplingParams(
+        sampling = SamplingParams(
             temperature=cfg.temperature, top_p=cfg.top_p or 1.0, top_k=cfg.top_k or 0,
             repetition_penalty=cfg.repetition_penalty or 1.0)
-    return kw
+    return GenerateOptions(max_new_tokens=cfg.max_tokens, return_audio=speak, seed=cfg.seed,
+                           speaker=cfg.voice if speak else None,
+                           max_audio_frames=cfg.max_audio_frames if speak else None,
+                           sampling=sampling, media=media, literal_text=literal_text)

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from qomni.multimodal.media import MediaPolicy
-from qomni.omni import Omni, PromptPrefix
+from qomni.omni import Omni
+from qomni.prefix import PromptPrefix
 from qomni.server.realtime_conversation import user_turn
 
 log = logging.getLogger("qomni.server.realtime")

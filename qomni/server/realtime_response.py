@@ -12,8 +12,9 @@ from typing import Any
 
 from qomni.events import AudioChunk, Finished, TextDelta
 from qomni.multimodal.media import MediaError, MediaPolicy
-from qomni.omni import Omni, PromptPrefix
-from qomni.server.realtime_config import RealtimeError, SessionConfig, generate_kwargs
+from qomni.omni import Omni
+from qomni.prefix import PromptPrefix
+from qomni.server.realtime_config import RealtimeError, SessionConfig, generate_options
 from qomni.server.realtime_conversation import Conversation, Item, item_json
 
 log = logging.getLogger("qomni.server.realtime")
@@ -97,10 +98,8 @@ async def open_stream(omni: Omni, resp: Response, prefix: PromptPrefix | None,
     engine refuses the prompt as too long, the oldest exchange is dropped and the prompt
     rebuilt (`messages(instructions)`)."""
     while True:
-        kwargs = generate_kwargs(resp.cfg) | {"media": media, "literal_text": literal_text}
-        if prefix is not None:
-            kwargs["prefix"] = prefix
-        events = omni.astream(resp.messages, **kwargs)
+        options = generate_options(resp.cfg, media, literal_text)
+        events = omni.astream(resp.messages, options=options, prefix=prefix)
         try:
             first = await anext(events)
         except ValueError as e:

@@ -18,6 +18,7 @@ from starlette.requests import HTTPConnection
 from qomni.events import AudioChunk, Finished, TextDelta
 from qomni.multimodal.media import MediaPolicy
 from qomni.omni import Omni
+from qomni.options import GenerateOptions
 from qomni.server.origins import OriginPolicy
 from qomni.server.wire import APIError
 
@@ -103,14 +104,14 @@ class Admission:
         self.max_pending = max_pending
         self.pending = 0
 
-    async def stream(self, messages: list[dict], kwargs: dict[str, Any]
+    async def stream(self, messages: list[dict], options: GenerateOptions
                      ) -> AsyncIterator[TextDelta | AudioChunk | Finished]:
         if self.pending >= self.max_pending:
             raise APIError(503, f"server busy ({self.pending} requests pending); retry later",
                            code="server_busy")
         self.pending += 1
         try:
-            async with contextlib.aclosing(self.omni.astream(messages, **kwargs)) as evs:
+            async with contextlib.aclosing(self.omni.astream(messages, options=options)) as evs:
                 async for ev in evs:
                     yield ev
         finally:
