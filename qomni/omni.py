@@ -238,9 +238,10 @@ class Omni:
             raise ValueError("replaces must come from Omni.open_prefix, "
                              f"got {type(replaces).__name__}")
         template = GenerateOptions.build(options, "open_prefix", **kwargs).template_kwargs()
+        limit = self._loop().engine.max_model_len
 
         def process(conv: Conversation, **kw: Any) -> ProcessedInputs:
-            return self.processor(conv, **template, **kw)
+            return self.processor(conv, **template, max_model_len=limit, **kw)
 
         if partial:
             inputs = partial_turn_inputs(process, self.processor, messages)
@@ -256,7 +257,9 @@ class Omni:
 
     def _request(self, conv: Conversation, opts: GenerateOptions) -> Request:
         speak, speaker_id = self._audio_request(opts.return_audio, opts.speaker)
-        inputs = self.processor(conv, **opts.template_kwargs())
+        # Refused here, before its media are decoded, when the text alone is too long.
+        inputs = self.processor(conv, **opts.template_kwargs(),
+                                max_model_len=self._loop().engine.max_model_len)
         speech = None
         if speak:
             talker = _seeded(opts.talker_sampling

@@ -1,14 +1,18 @@
-"""Token sampling: greedy, temperature, top-k, top-p and repetition penalty, batched per row.
+"""Token sampling: greedy, temperature, top-k, top-p, repetition, frequency and presence
+penalties, batched per row.
 
 Legend: B rows, V vocabulary.
 
-Filters run in the reference's order: repetition penalty, temperature, top-k, top-p. Each row
+Filters run in the reference's order: repetition penalty, temperature, top-k, top-p; the
+frequency and presence penalties (OpenAI's, not in the reference) come right after the
+repetition penalty, as vLLM applies them. Each row
 draws from its own generator (Gumbel-style: argmax of p / Exp(1) noise), so a seeded request
 gives the same tokens whether it runs alone or inside a batch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,7 +27,11 @@ class SamplingParams:
     goes on to max_new_tokens; such tokens are generated and kept, never shown as text);
     `min_tokens` makes those tokens impossible (and stop strings unmatched) until that many
     tokens exist. For the talker both count codec frames and suppress its EOS code (a frame
-    can never be EOS), so speech runs to max_audio_frames, or at least min_tokens frames."""
+    can never be EOS), so speech runs to max_audio_frames, or at least min_tokens frames.
+
+    As OpenAI defines them, over the tokens generated so far (not the prompt):
+    logits[t] -= count[t] * frequency_penalty + (count[t] > 0) * presence_penalty. They apply
+    to greedy decoding too. The thinker honours them; the talker does not."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -32,6 +40,8 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -42,6 +52,11 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if type(self.ignore_eos) is not bool:
             raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
         if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) \
@@ -51,6 +66,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether sampling needs the counts of the tokens generated so far."""
+        return self.frequency_penalty != 0 or self.presence_penalty != 0
 
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -62,6 +82,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
     p = penalty[:, None]
     penalised = torch.where(logits > 0, logits / p, logits * p)
     return torch.where(seen, penalised, logits)
+
+
+def apply_frequency_presence(logits: torch.Tensor, counts: torch.Tensor,
+                             frequency: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """logits [B, V]; counts [B, V] (how often each token was generated); frequency and
+    presence [B]: logits - counts * frequency - (counts > 0) * presence."""
+    return logits - counts * frequency[:, None] - (counts > 0).float() * presence[:, None]
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -96,6 +123,9 @@ class Sampler:
         self.top_p = torch.tensor([p.top_p for p in params], **f)
         self.penalty = torch.tensor([p.repetition_penalty for p in params], **f)
         self.uses_penalty = any(p.repetition_penalty != 1.0 for p in params)
+        self.frequency = torch.tensor([p.frequency_penalty for p in params], **f)
+        self.presence = torch.tensor([p.presence_penalty for p in params], **f)
+        self.uses_counts = any(p.counts_tokens for p in params)
         self.all_greedy = all(p.greedy for p in params)
         self.generators = []
         for p in params:
@@ -106,11 +136,16 @@ class Sampler:
                 g.manual_seed(p.seed)
             self.generators.append(g)
 
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
-        """logits [B, V] -> token ids [B]."""
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None,
+                 counts: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, V] -> token ids [B]. seen [B, V] bool: the tokens in the context (the
+        repetition penalty); counts [B, V]: how often each was generated (the frequency and
+        presence penalties)."""
         logits = logits.float()
         if self.uses_penalty and seen is not None:
             logits = apply_repetition_penalty(logits, seen, self.penalty)
+        if self.uses_counts and counts is not None:
+            logits = apply_frequency_presence(logits, counts, self.frequency, self.presence)
         greedy_ids = logits.argmax(-1)
         if self.all_greedy:
             return greedy_ids

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from qomni.sampling import Sampler, SamplingParams, apply_repetition_penalty, filter_logits
+from qomni.sampling import (
+    Sampler,
+    SamplingParams,
+    apply_frequency_presence,
+    apply_repetition_penalty,
+    filter_logits,
+)
 
 
 def test_filters_equal_transformers_warpers():
@@ -67,3 +73,61 @@ def test_sampling_follows_the_distribution():
 def test_invalid_params_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_frequency_and_presence_penalties_as_openai_defines_them():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 50)
+    counts = torch.zeros(3, 50)
+    counts[0, [3, 3, 7]] = torch.tensor([2.0, 2.0, 1.0])  # index_put keeps the last: 3 -> 2
+    counts[1, 5] = 4
+    freq, pres = torch.tensor([0.5, -1.0, 0.0]), torch.tensor([1.5, 0.0, 2.0])
+    got = apply_frequency_presence(logits, counts, freq, pres)
+    want = logits.clone()
+    for b in range(3):
+        for t in range(50):
+            c = float(counts[b, t])
+            want[b, t] -= c * float(freq[b]) + (1.0 if c > 0 else 0.0) * float(pres[b])
+    assert torch.allclose(got, want, atol=1e-6)
+    # Greedy decoding honours them: the penalised favourite loses to the runner-up.
+    top2 = logits[0].topk(2)
+    gap = float(top2.values[0] - top2.values[1])
+    row = torch.zeros(1, 50)
+    row[0, top2.indices[0]] = 1
+    params = SamplingParams(temperature=0, presence_penalty=gap + 0.1)
+    assert int(Sampler([params])(logits[:1], counts=row)) == int(top2.indices[1])
+    assert int(Sampler([params])(logits[:1])) == int(top2.indices[0])  # no counts: no change
+
+
+@pytest.mark.parametrize("bad", [{"frequency_penalty": float("nan")},
+                                 {"presence_penalty": float("inf")},
+                                 {"frequency_penalty": True}, {"presence_penalty": "1"}])
+def test_bad_penalties_are_rejected(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingParams(**bad)
+
+
+def test_penalties_through_the_engine_equal_a_step_by_step_decode(omni_tiny):
+    """The engine's greedy decode with frequency and presence penalties is the argmax of the
+    penalised logits of the whole sequence so far, recomputed from scratch at every step."""
+    import dataclasses
+
+    omni = omni_tiny("a", max_num_seqs=2)
+    conv = [{"role": "user", "content": "Say the same word again and again."}]
+    # Negative: repeats are rewarded, so a random model's answer changes for sure.
+    params = SamplingParams(temperature=0, frequency_penalty=-0.7, presence_penalty=-2.0)
+    out = omni.generate(conv, max_new_tokens=12, sampling=params, return_audio=False)
+    inputs = omni.process(conv)
+    ids, counts = inputs.input_ids, torch.zeros(omni.config.thinker.text.vocab_size)
+    for _ in range(12):
+        n = len(ids)
+        step = dataclasses.replace(inputs, input_ids=ids,
+                                   positions=torch.arange(n, dtype=torch.float32).expand(3, n))
+        logits = omni.prompt_logits(step)[-1:]
+        tok = int(apply_frequency_presence(logits, counts[None], torch.tensor([-0.7]),
+                                           torch.tensor([-2.0])).argmax())
+        counts[tok] += 1
+        ids = torch.cat([ids, torch.tensor([tok])])
+    assert out.token_ids == ids[len(inputs.input_ids):].tolist()
+    plain = omni.generate(conv, max_new_tokens=12, return_audio=False)
+    assert plain.token_ids != out.token_ids  # the penalties changed what was said

@@ -265,6 +265,18 @@ def test_parameters_are_strict(live):
     assert live.chat(user, max_tokens=1)[0] == 200
 
 
+def test_frequency_and_presence_penalties_reach_the_thinker(live):
+    from qomni import SamplingParams
+
+    conv = [{"role": "user", "content": "Say it again"}]
+    status, _, body = live.chat(conv, max_tokens=8, frequency_penalty=-0.5, presence_penalty=-2)
+    assert status == 200, body
+    penalised = SamplingParams(temperature=0, frequency_penalty=-0.5, presence_penalty=-2.0)
+    want = live.ref.generate(conv, max_new_tokens=8, return_audio=False, sampling=penalised)
+    assert body["choices"][0]["message"]["content"] == want.text
+    assert want.text != live.ref.generate(conv, max_new_tokens=8, return_audio=False).text
+
+
 def test_media_errors_name_the_part(live):
     png = base64.b64encode(b"not an image at all" * 8).decode()
     clip = io.BytesIO()

@@ -26,6 +26,7 @@ from qomni.models.code2wav_stream import StreamingCode2Wav, push_together
 from qomni.models.omni import OmniModel
 from qomni.models.rope import decode_positions
 from qomni.models.thinker import Deepstack
+from qomni.multimodal.chat import PromptTooLong
 from qomni.multimodal.processor import ProcessedInputs
 from qomni.sampling import Sampler
 
@@ -64,8 +65,7 @@ class Engine:
     def add(self, req: Request) -> None:
         n = len(req.inputs)
         if n >= self.max_model_len:
-            raise ValueError(f"the prompt has {n} tokens; this engine holds at most "
-                             f"{self.max_model_len} per sequence (max_model_len)")
+            raise PromptTooLong(n, self.max_model_len)
         req.max_new_tokens = max(1, min(req.max_new_tokens, self.max_model_len - n))
         if req.speech is not None:
             if not self.model.audio_output:
@@ -227,6 +227,8 @@ class Engine:
             req.seen = torch.zeros(self.cfg.thinker.text.vocab_size, dtype=torch.bool,
                                    device=self.device)
             req.seen[req.inputs.input_ids.to(self.device)] = True
+        if req.sampler.uses_counts:  # frequency / presence penalties: generated tokens only
+            req.counts = torch.zeros(self.cfg.thinker.text.vocab_size, device=self.device)
         self._accept([req], thinker.logits(hidden[:, -1]))
 
     def _extend(self, row: int, n: int, embeds: torch.Tensor, pos: torch.Tensor,
@@ -266,11 +268,14 @@ class Engine:
         if early:  # min_tokens: no stop token yet
             logits = logits.clone()
             logits[torch.tensor(early, device=logits.device)[:, None], self.stop] = float("-inf")
-        tokens = sample_rows(logits, [r.sampler for r in reqs], [r.seen for r in reqs])
+        tokens = sample_rows(logits, [r.sampler for r in reqs], [r.seen for r in reqs],
+                             [r.counts for r in reqs])
         stops = torch.isin(tokens, self.stop).tolist()
         for req, tok, stop in zip(reqs, tokens.tolist(), stops):
             if req.seen is not None:
                 req.seen[tok] = True
+            if req.counts is not None:
+                req.counts[tok] += 1
             stop = stop and not req.params.ignore_eos
             stop = req.emit_token(tok, stop) or stop  # a stop token, or a stop string
             if stop or len(req.tokens) >= req.max_new_tokens:
@@ -418,11 +423,18 @@ class Engine:
 
 
 def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler],
-                seen: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """Each row with its own request's sampler (own settings and generator): [n, V] -> [n]."""
-    if all(s.all_greedy and not s.uses_penalty for s in samplers):
+                seen: Sequence[torch.Tensor | None],
+                counts: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Each row with its own request's sampler (own settings and generator): [n, V] -> [n].
+    seen / counts: each row's context tokens / generated-token counts, or None."""
+    if all(s.all_greedy and not s.uses_penalty and not s.uses_counts for s in samplers):
         return logits.argmax(-1)
-    return torch.cat([s(logits[i: i + 1], None if seen[i] is None else seen[i][None])
+    counts = counts or [None] * len(samplers)
+
+    def row(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[None]
+
+    return torch.cat([s(logits[i: i + 1], row(seen[i]), row(counts[i]))
                       for i, s in enumerate(samplers)])
 
 

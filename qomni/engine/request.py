@@ -70,6 +70,7 @@ class Request:
     embeds: torch.Tensor | None = None  # [S, Dt] prompt embeddings, kept for the talker prompt
     captured: torch.Tensor | None = None  # [S, Dt] hidden after accept_hidden_layer layers
     seen: torch.Tensor | None = None  # [V] tokens in the context (repetition penalty only)
+    counts: torch.Tensor | None = None  # [V] float: how often each token was generated
     events: deque = field(default_factory=deque)
     prefix: Prefix | None = None  # a prefilled prompt beginning to continue from
     cached_tokens: int = 0  # prompt tokens its prefix held: only the rest was prefilled

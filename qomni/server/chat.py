@@ -35,7 +35,6 @@ from qomni.events import AudioChunk, Finished, TextDelta
 from qomni.multimodal.audio import load_audio
 from qomni.multimodal.media import MediaError
 from qomni.options import GenerateOptions
-from qomni.sampling import SamplingParams
 from qomni.server.filters import TOOL_OPEN, OutputFilter, Reasoning, ReasoningSplitter
 from qomni.server.messages import count_media, to_conversation
 from qomni.server.state import AppState, app_state
@@ -51,6 +50,7 @@ from qomni.server.wire import (
     new_id,
     parse_json,
     parse_request,
+    thinker_sampling,
 )
 
 log = logging.getLogger("qomni.server")
@@ -170,12 +170,9 @@ def prepare(state: AppState, req: ChatCompletionRequest) -> Job:
         options["speaker"] = voice
     if req.wants_audio and req.max_audio_frames is not None:
         options["max_audio_frames"] = req.max_audio_frames
-    # No temperature: the model's reference default, a greedy thinker (OpenAI's default of 1
-    # would sample). temperature 0 is greedy too.
-    if req.temperature:
-        options["sampling"] = SamplingParams(
-            temperature=req.temperature, top_p=req.top_p or 1.0, top_k=req.top_k or 0,
-            repetition_penalty=req.repetition_penalty or 1.0)
+    options["sampling"] = thinker_sampling(req.temperature, req.top_p, req.top_k,
+                                           req.repetition_penalty, req.frequency_penalty,
+                                           req.presence_penalty)
     use_tools = bool(req.tools) and req.tool_choice != "none"
     if use_tools:
         options["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]

@@ -35,8 +35,8 @@ from typing import Any
 from qomni.multimodal.media import MediaPolicy
 from qomni.omni import DEFAULT_SPEAKER, Omni
 from qomni.options import GenerateOptions
-from qomni.sampling import SamplingParams
 from qomni.server.state import Limits
+from qomni.server.wire import MAX_REPETITION_PENALTY, thinker_sampling
 
 # The model card's system prompt for voice chat (README "Prompt for Audio-Visual Interaction";
 # web_demo.py uses it whenever it generates audio).
@@ -330,7 +330,7 @@ class SessionParser:
                 max(0, self.limits.max_media_items - 1), True)
         for key, lo, hi, integer in (("temperature", 0, 2, False), ("top_p", 1e-9, 1, False),
                                      ("top_k", 0, 2**31, True),
-                                     ("repetition_penalty", 1e-9, 10, False),
+                                     ("repetition_penalty", 1e-9, MAX_REPETITION_PENALTY, False),
                                      ("seed", -(2**63), 2**64 - 1, True)):
             if key in s:
                 ch[key] = None if s[key] is None else check_num(s[key], f"{prefix}.{key}", lo,
@@ -389,11 +389,7 @@ def generate_options(cfg: SessionConfig, media: MediaPolicy, literal_text: bool
                      ) -> GenerateOptions:
     """What one response asks of Omni.astream (a greedy thinker unless temperature > 0)."""
     speak = cfg.output_audio
-    sampling = None
-    if cfg.temperature:
-        sampling = SamplingParams(
-            temperature=cfg.temperature, top_p=cfg.top_p or 1.0, top_k=cfg.top_k or 0,
-            repetition_penalty=cfg.repetition_penalty or 1.0)
+    sampling = thinker_sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty)
     return GenerateOptions(max_new_tokens=cfg.max_tokens, return_audio=speak, seed=cfg.seed,
                            speaker=cfg.voice if speak else None,
                            max_audio_frames=cfg.max_audio_frames if speak else None,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qomni.events import AudioChunk, Finished, TextDelta
+from qomni.multimodal.chat import PromptTooLong
 from qomni.multimodal.media import MediaError, MediaPolicy
 from qomni.omni import Omni
 from qomni.prefix import PromptPrefix
@@ -102,12 +103,12 @@ async def open_stream(omni: Omni, resp: Response, prefix: PromptPrefix | None,
         events = omni.astream(resp.messages, options=options, prefix=prefix)
         try:
             first = await anext(events)
-        except ValueError as e:
+        except PromptTooLong:
             await events.aclose()
             if prefix is not None:  # free its row if no request took it over
                 prefix.close()
                 prefix = None
-            if "the prompt has" not in str(e) or not conversation.drop_oldest_exchange():
+            if not conversation.drop_oldest_exchange():
                 raise
             resp.messages = messages(resp.cfg.instructions)
             continue

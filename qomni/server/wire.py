@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qomni.audio_out import AudioFormat
+from qomni.sampling import SamplingParams
 
 
 def new_id(prefix: str) -> str:
@@ -278,6 +279,23 @@ class ChatCompletionRequest(_Loose):
             raise APIError(400, "mm_processor_kwargs.use_audio_in_video must be a boolean",
                            param="mm_processor_kwargs.use_audio_in_video")
         return value
+
+
+def thinker_sampling(temperature: float | None, top_p: float | None = None,
+                     top_k: int | None = None, repetition_penalty: float | None = None,
+                     frequency_penalty: float | None = None,
+                     presence_penalty: float | None = None) -> SamplingParams | None:
+    """A request's sampling fields as the thinker's SamplingParams; None when none is set.
+    No temperature (or 0) is greedy, the reference's default (OpenAI's 1 would sample), and
+    the penalties still apply to it."""
+    fields = (temperature, top_p, top_k, repetition_penalty, frequency_penalty,
+              presence_penalty)
+    if all(f is None for f in fields):
+        return None
+    return SamplingParams(temperature=temperature or 0.0, top_p=top_p or 1.0, top_k=top_k or 0,
+                          repetition_penalty=repetition_penalty or 1.0,
+                          frequency_penalty=frequency_penalty or 0.0,
+                          presence_penalty=presence_penalty or 0.0)
 
 
 def parse_request(data: Any) -> ChatCompletionRequest:
