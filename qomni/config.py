@@ -121,16 +121,23 @@ def _head_dim(v: dict[str, Any]) -> int:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TextConfig:
-    """A Qwen3-MoE decoder: the thinker LLM, or the talker trunk (which adds a shared expert)."""
+class _Decoder:
+    """What every transformer stack here has: width, depth, attention heads and RoPE base."""
 
-    vocab_size: int
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int = field(metadata=key(derive=_head_dim))
     rms_norm_eps: float = 1e-6
+    rope_theta: float = field(default=10000.0, metadata=key(read=_rope_theta))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextConfig(_Decoder):
+    """A Qwen3-MoE decoder: the thinker LLM, or the talker trunk (which adds a shared expert)."""
+
+    vocab_size: int
     rope_theta: float = field(default=1e6, metadata=key(read=_rope_theta))
     mrope_section: tuple[int, ...] = field(metadata=key(read=_mrope_section))
     num_experts: int = field(default=0, metadata=key("num_experts", "num_local_experts"))
@@ -213,18 +220,11 @@ class ThinkerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CodePredictorConfig:
+class CodePredictorConfig(_Decoder):
     """Dense 1-D-RoPE decoder that predicts codebooks 1..G-1 of each frame."""
 
     vocab_size: int
-    hidden_size: int
     intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int = field(metadata=key(derive=_head_dim))
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = field(default=10000.0, metadata=key(read=_rope_theta))
     num_code_groups: int
 
 
@@ -261,20 +261,15 @@ class TalkerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Code2WavConfig:
+class Code2WavConfig(_Decoder):
     """Codec decoder: codes [G, F] -> 24 kHz waveform."""
 
+    num_key_value_heads: int = field(metadata=key(derive=lambda v: v["num_attention_heads"]))
+    rms_norm_eps: float = 1e-5
     codebook_size: int
     num_quantizers: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int = field(metadata=key(derive=lambda v: v["num_attention_heads"]))
-    head_dim: int = field(metadata=key(derive=_head_dim))
     intermediate_size: int
     sliding_window: int
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = field(default=10000.0, metadata=key(read=_rope_theta))
     upsample_rates: tuple[int, ...]
     upsampling_ratios: tuple[int, ...]
     decoder_dim: int
