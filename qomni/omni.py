@@ -30,7 +30,8 @@ from qomni.multimodal.processor import ProcessedInputs, Processor
 from qomni.options import GenerateOptions
 from qomni.prefix import PromptPrefix, history_inputs, partial_turn_inputs
 from qomni.sampling import GREEDY, Sampler, SamplingParams
-from qomni.weights import load_weights, meta_parameters
+from qomni.quant.plan import quantize_modules
+from qomni.weights import checkpoint_files, load_weights, meta_parameters
 
 Conversation = Sequence[Mapping[str, Any]]
 DEFAULT_SPEAKER = "Ethan"  # the reference's default voice
@@ -93,12 +94,18 @@ class Omni:
         self.generation_config = generation_config
         self.device = model.thinker.lm_head.weight.device
         self.dtype = model.thinker.lm_head.weight.dtype
+        self.quantization: dict[str, str] = {}  # module group -> scheme, for quantized ones
 
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
              device: str | torch.device | None = None, audio_output: bool | None = None,
-             progress: bool = True, **engine_options: Any) -> Omni:
-        """Load a checkpoint. `engine_options` size the engine: max_num_seqs (8),
+             progress: bool = True, quantization: str | Mapping[str, str] | None = None,
+             **engine_options: Any) -> Omni:
+        """Load a checkpoint. `quantization`: "int4" or "int8" quantizes the decoder layers of
+        the thinker, talker and code predictor while loading; components can be set apart, as
+        in "int4,code_predictor=int8,lm_heads=int8" (qomni.quant.plan). Checkpoints stored
+        quantized (compressed-tensors) are read as they are, without it.
+        `engine_options` size the engine: max_num_seqs (8),
         max_model_len (4096), max_talker_len, first_chunk_frames (1), chunk_frames (25),
         audio_cache_windows (64 audio-encoder windows of 8 s kept, so a conversation's earlier
         audio is not encoded again)."""
@@ -113,6 +120,8 @@ class Omni:
             audio_output = cfg.has_audio_output
         with meta_parameters():
             net = OmniModel(cfg, audio_output)
+            quantized = quantize_modules(net, path, checkpoint_files(path), quantization, dtype,
+                                         device)
         skip = [] if audio_output else ["talker.", "code2wav."]
         load_weights(net, path, dtype=dtype, device=device, skip_prefixes=skip, progress=progress)
         net.to(device).eval()
@@ -120,7 +129,9 @@ class Omni:
             pack_linears(net)  # decode-sized matmuls read the weights 1.3-3x faster
         gen_file = path / "generation_config.json"
         gen_cfg = json.loads(gen_file.read_text()) if gen_file.exists() else {}
-        return cls(net, Processor(path, cfg), path, gen_cfg, **engine_options)
+        omni = cls(net, Processor(path, cfg), path, gen_cfg, **engine_options)
+        omni.quantization = quantized
+        return omni
 
     # -- inputs ---------------------------------------------------------------------------------
 

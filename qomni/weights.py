@@ -8,6 +8,11 @@ and `down_proj [E, D, I]` parameters as they are read.
 Parameters are created on the meta device and each one is filled exactly once from disk, so a
 60 GB checkpoint never exists twice in memory. Any checkpoint key left unused, any parameter left
 unfilled, and any shape mismatch is an error listing the names.
+
+A module with a `load_part(name, tensor)` method (a quantized linear, embedding or experts
+module: qomni.quant) takes the checkpoint tensors under its name that are not parameters, one
+at a time as they are read, and converts them itself; `missing_parts()` then names what it
+still lacks.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ def load_weights(model: nn.Module, path: str | Path, *, dtype: torch.dtype,
     skip = tuple(skip_prefixes)
     params = dict(model.named_parameters())
     expected = {n: p.shape for n, p in params.items()}
+    sinks = {n: m for n, m in model.named_modules() if hasattr(m, "load_part")}
     filled: set[str] = set()
     expert_parts: dict[str, set[tuple[int, int | None]]] = {}
     stacked: dict[str, torch.Tensor] = {}
@@ -115,6 +121,13 @@ def load_weights(model: nn.Module, path: str | Path, *, dtype: torch.dtype,
                     errors.append(f"{key}: listed in the index but missing from {file.name}")
                     continue
                 tensor = f.get_tensor(key)
+                sink = _sink_of(key, sinks) if sinks and key not in expected else None
+                if sink is not None:
+                    try:
+                        sinks[sink].load_part(key[len(sink) + 1:], tensor)
+                    except ValueError as e:
+                        errors.append(f"{key.rpartition('.')[0]}: {e}")
+                    continue
                 m = EXPERT_KEY.match(key)
                 if m:
                     _fill_expert(m, tensor, expected, stacked, expert_parts, unused, errors,
@@ -144,6 +157,10 @@ def load_weights(model: nn.Module, path: str | Path, *, dtype: torch.dtype,
             _set_param(model, name, tensor)
             filled.add(name)
 
+    for name, sink in sinks.items():
+        missing = sink.missing_parts()
+        if missing:
+            errors.append(f"{name}: no checkpoint tensor for " + _names(missing, 8))
     if unused:
         errors.append("checkpoint tensors the model has no place for: " + _names(unused))
     unfilled = sorted(set(expected) - filled - set(stacked))
@@ -175,6 +192,16 @@ def _fill_expert(m: re.Match, tensor: torch.Tensor, expected: dict, stacked: dic
         dest = dest[half * rows:(half + 1) * rows]
     dest.copy_(tensor)
     parts[name].add((expert, half))
+
+
+def _sink_of(key: str, sinks: dict[str, nn.Module]) -> str | None:
+    """The name of the module with load_part that `key` lies under, if any."""
+    name = key
+    while "." in name:
+        name = name.rpartition(".")[0]
+        if name in sinks:
+            return name
+    return None
 
 
 def _convert(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
