@@ -34,7 +34,7 @@ SHAPES = {
 }
 
 
-def _methods(k: int, n: int, count: int, slow: bool) -> dict[str, list[Callable[[torch.Tensor], torch.Tensor]]]:
+def _methods(k: int, n: int, count: int, slow: bool) -> dict[str, list[Callable]]:
     """name -> one callable per weight matrix (x [rows, k] fp32 -> [rows, n])."""
     from qomni.quant.kernels import pack_int4, pack_int8, quantize_weight
 

@@ -1,4 +1,4 @@
-"""Command line: `qomni generate | serve | make-tiny | bench` (also `python -m qomni`)."""
+"""Command line: `qomni generate | serve | make-tiny | bench | quantize` (or `python -m qomni`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     speak = args.output is not None
     omni = Omni.load(args.model, dtype=args.dtype, device=args.device, progress=not args.quiet,
-                     audio_output=speak)
+                     audio_output=speak, quantization=args.quantization)
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -66,7 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise FileNotFoundError(f"--allowed-local-media-path {args.allowed_local_media_path!r} "
                                 "is not a directory")
-    omni = Omni.load(args.model, dtype=args.dtype, device=args.device)
+    omni = Omni.load(args.model, dtype=args.dtype, device=args.device,
+                     quantization=args.quantization)
     name = args.served_model_name or args.model or "qomni-tiny-demo"
     limits = Limits(max_request_bytes=args.max_request_mb * 1024 * 1024,
                     max_media_items=args.max_media_items,
@@ -110,8 +111,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(json.dumps(bench_config(), indent=2))
         return 0
     settings = (QUICK if args.quick else DEFAULT).changed(args.set)
-    results = run(args.model, settings=settings, load=Load(dtype=args.dtype, device=args.device),
-                  vs_transformers=args.vs_transformers)
+    load = Load(dtype=args.dtype, device=args.device, quantization=args.quantization)
+    results = run(args.model, settings=settings, load=load, vs_transformers=args.vs_transformers)
     print(format_report(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -140,6 +141,22 @@ def _positive(text: str) -> float:
     return value
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from qomni.quant.writer import quantize_checkpoint
+
+    path = quantize_checkpoint(args.src, args.dst, scheme=args.scheme, group_size=args.group_size,
+                               keep=args.keep, symmetric=not args.asymmetric,
+                               progress=not args.quiet)
+    print(f"wrote a {args.scheme} compressed-tensors checkpoint to {path}")
+    return 0
+
+
+QUANTIZATION_HELP = ("quantize weights while loading: int4 | int8 (the thinker, talker and code "
+                     "predictor decoder layers), with overrides, e.g. "
+                     "int4,code_predictor=int8,lm_heads=int8; checkpoints stored quantized need "
+                     "no flag")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qomni", description="Fast inference for Qwen3-Omni")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, "
                    "fp32 on CPU)")
     g.add_argument("--device", help="cpu | cuda | cuda:N")
+    g.add_argument("--quantization", help=QUANTIZATION_HELP)
     g.add_argument("--quiet", action="store_true", help="print only the answer")
     g.set_defaults(func=_generate)
 
@@ -199,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Thinking checkpoint)")
     s.add_argument("--dtype", help="float32 | bfloat16 | float16")
     s.add_argument("--device", help="cpu | cuda | cuda:N")
+    s.add_argument("--quantization", help=QUANTIZATION_HELP)
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_serve)
 
@@ -213,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, "
                    "fp32 on CPU)")
     b.add_argument("--device", help="cpu | cuda | cuda:N")
+    b.add_argument("--quantization", help=QUANTIZATION_HELP)
     b.add_argument("--quick", action="store_true", help="small prompt, few steps (a smoke run)")
     b.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="change one setting of the run, e.g. --set decode_tokens=32 or "
@@ -223,6 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--print-config", action="store_true",
                    help="print the default benchmark model's config.json and exit")
     b.set_defaults(func=_bench)
+
+    q = sub.add_parser("quantize", help="write a compressed-tensors (W4A16/W8A16) checkpoint")
+    q.add_argument("src", help="full-precision checkpoint directory")
+    q.add_argument("dst", help="where to write the quantized checkpoint")
+    q.add_argument("--scheme", choices=("w4a16", "w8a16"), default="w4a16")
+    q.add_argument("--group-size", type=int,
+                   help="inputs per scale (default: 128 for w4a16, per channel for w8a16; "
+                        "0: per channel)")
+    q.add_argument("--keep", nargs="+", default=[], metavar="COMPONENT",
+                   choices=("thinker", "talker", "code_predictor"),
+                   help="components left in full precision, e.g. --keep code_predictor")
+    q.add_argument("--asymmetric", action="store_true", help="zero points as well as scales")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=_quantize)
     return parser
 
 

@@ -29,8 +29,8 @@ from qomni.multimodal.chat import StreamDecoder
 from qomni.multimodal.processor import ProcessedInputs, Processor
 from qomni.options import GenerateOptions
 from qomni.prefix import PromptPrefix, history_inputs, partial_turn_inputs
-from qomni.sampling import GREEDY, Sampler, SamplingParams
 from qomni.quant.plan import quantize_modules
+from qomni.sampling import GREEDY, Sampler, SamplingParams
 from qomni.weights import checkpoint_files, load_weights, meta_parameters
 
 Conversation = Sequence[Mapping[str, Any]]

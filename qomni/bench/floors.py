@@ -23,6 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from qomni.config import TextConfig
 from qomni.models.moe import SparseMoE
 from qomni.models.packed_linear import PackedLinear
+from qomni.quant.experts import QuantExperts
+from qomni.quant.linear import QuantEmbedding, QuantLinear
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11+; annotations are never evaluated at run time
@@ -149,19 +151,29 @@ def _sdpa_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
 
 def flop_counter() -> FlopCounterMode:
     """torch's FLOP counter, plus the ops the models use that it does not know (MoE grouped
-    GEMM; the CPU attention kernel; PackedLinear's oneDNN inner product, whose shapes read like
-    a grouped GEMM's: x [..., K], out [..., N])."""
+    GEMM; the CPU attention kernel; PackedLinear's oneDNN inner product and the quantized
+    matmuls, whose shapes read like a grouped GEMM's: x [..., K], out [..., N])."""
     aten = torch.ops.aten
     return FlopCounterMode(display=False, custom_mapping={
         aten._grouped_mm: _grouped_mm_flops,
         aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
-        torch.ops.mkldnn._linear_pointwise: _grouped_mm_flops})
+        torch.ops.mkldnn._linear_pointwise: _grouped_mm_flops,
+        aten._weight_int4pack_mm_for_cpu: _grouped_mm_flops,
+        aten._weight_int8pack_mm: _grouped_mm_flops})
 
 
 def param_count(model: nn.Module) -> int:
-    """Parameters, with the weights PackedLinear holds outside them."""
-    packed = sum(m.weight.numel() for m in model.modules() if isinstance(m, PackedLinear))
-    return packed + sum(p.numel() for p in model.parameters())
+    """Parameters, with the weights PackedLinear and the quantized modules hold outside them
+    (counted as the weights they stand for)."""
+    held = 0
+    for m in model.modules():
+        if isinstance(m, (PackedLinear, QuantLinear)):
+            held += m.in_features * m.out_features
+        elif isinstance(m, QuantExperts):
+            held += 3 * m.num_experts * m.hidden * m.intermediate
+        elif isinstance(m, QuantEmbedding):
+            held += m.num_embeddings * m.embedding_dim
+    return held + sum(p.numel() for p in model.parameters())
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -177,14 +189,20 @@ def weight_bytes(module: nn.Module, tokens: int = 1) -> float:
         if isinstance(m, SparseMoE):
             e = m.experts.num_experts
             used = e * (1 - (1 - m.top_k / e) ** tokens)
+            if isinstance(m.experts, QuantExperts):
+                total += m.experts.weight_nbytes() * used / e
             for p in m.experts.parameters():
                 total += _nbytes(p) * used / e
                 partial_ids.add(id(p))
         elif isinstance(m, nn.Embedding):
             total += tokens * m.weight.shape[1] * m.weight.element_size()
             partial_ids.add(id(m.weight))
+        elif isinstance(m, QuantEmbedding):
+            total += tokens * m.weight_nbytes() / m.num_embeddings
         elif isinstance(m, PackedLinear):  # its packed weight is no parameter
             total += _nbytes(m.weight)
+        elif isinstance(m, QuantLinear):
+            total += m.weight_nbytes()
     return total + sum(_nbytes(p) for p in module.parameters() if id(p) not in partial_ids)
 
 

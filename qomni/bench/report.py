@@ -102,6 +102,8 @@ def _qomni_report(r: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str
         (f"qomni on {r['device']} {r['dtype']}, {r['threads']} threads, "
          f"{r['params'] / 1e9:.2f} B parameters; peak RSS {r['peak_rss_gib']:.1f} GiB; load "
          f"average {r['load_average_after']:.1f} at the end"),
+        (f"loaded in {r['load_s']:.1f} s; quantized: " + (", ".join(
+            f"{k} {v}" for k, v in r["quantization"].items()) or "nothing")),
         (f"calibration: memory read {c['read_bytes_per_s'] / 1e9:.1f} GB/s; GEMM "
          f"{c['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({r['dtype']}, {c['gemm_n']}³)"),
         (f"prompt: {r['prompt_tokens']} tokens = system + {settings['image_size']}² image + "

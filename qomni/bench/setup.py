@@ -134,6 +134,7 @@ class Load:
     """How a backend loads the checkpoint; options that change loading belong here."""
     dtype: str | None = None  # None: bf16 on GPU, fp32 on CPU
     device: str | None = None  # None: cuda when there is one
+    quantization: str | None = None  # Omni.load's quantization (qomni only)
 
 
 def log(message: str) -> None:

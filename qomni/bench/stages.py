@@ -247,13 +247,16 @@ def _throughput(omni: Omni, batch: int, settings: Settings) -> dict[str, Any]:
 
 def bench_qomni(path: str | Path, settings: Settings, load: Load) -> dict[str, Any]:
     """Every qomni measurement on the checkpoint at `path` (in this process)."""
+    load_s = time.perf_counter()
     omni = Omni.load(path, dtype=load.dtype, device=load.device, progress=False,
-                     max_num_seqs=max(settings.batches), max_model_len=2048,
-                     first_chunk_frames=FIRST_CHUNK, chunk_frames=CHUNK)
+                     quantization=load.quantization, max_num_seqs=max(settings.batches),
+                     max_model_len=2048, first_chunk_frames=FIRST_CHUNK, chunk_frames=CHUNK)
+    load_s = time.perf_counter() - load_s
     dev, model = omni.device, omni.model
     if not model.audio_output:
         raise ValueError(f"{path} has no talker: qomni bench measures speech output too")
-    log(f"qomni: loaded on {dev} as {omni.dtype}; calibrating")
+    quant = "".join(f", {k} {v}" for k, v in omni.quantization.items())
+    log(f"qomni: loaded on {dev} as {omni.dtype}{quant}; calibrating")
     calib = calibrate(dev, omni.dtype)
     conversation = media_conversation(settings)
     processing_s, inputs = timed(lambda: omni.process(conversation), dev)
@@ -282,6 +285,7 @@ def bench_qomni(path: str | Path, settings: Settings, load: Load) -> dict[str, A
     set_floors(stages, calib)
     return {"backend": "qomni", "device": str(dev), "dtype": str(omni.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(), "params": param_count(model),
+            "quantization": omni.quantization, "load_s": load_s,
             "calibration": calib, "prompt_tokens": len(inputs), "processing_s": processing_s,
             "stages": stages, "e2e": e2e, "voice_turn": voice, "throughput": throughput,
             "peak_rss_gib": peak_rss_gib(), "load_average_after": os.getloadavg()[0]}

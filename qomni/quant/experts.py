@@ -119,7 +119,8 @@ class QuantExperts(nn.Module):
         """Bytes one expert's weights take (what a routed token reads per expert)."""
         return nbytes(self.gate_up[0]) + nbytes(self.down[0])
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, experts: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
         """x [T, D]; experts, weights [T, k] -> [T, D]."""
         t, k = experts.shape
         flat = experts.reshape(-1)

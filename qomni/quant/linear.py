@@ -185,7 +185,9 @@ class QuantEmbedding(nn.Module):
         return ["weight (int8 embedding)"] if self.q is None else []
 
     def weight_nbytes(self) -> int:
-        return 0 if self.q is None else self.q.numel() + self.scale.numel() * self.scale.element_size()
+        if self.q is None:
+            return 0
+        return self.q.numel() + self.scale.numel() * self.scale.element_size()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [...] -> [..., D]."""

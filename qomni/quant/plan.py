@@ -72,7 +72,7 @@ def parse_quantization(spec: str | Mapping[str, str] | None) -> dict[str, int]:
     elif isinstance(spec, Mapping):
         items = dict(spec)
     else:
-        raise ValueError(f"quantization must be a string or a mapping, got {type(spec).__name__}")
+        raise TypeError(f"quantization must be a string or a mapping, not {type(spec).__name__}")
     out: dict[str, int] = {}
     default = items.pop("default", None)
     for comp, method in [*((c, default) for c in DEFAULT_COMPONENTS if default), *items.items()]:

@@ -29,7 +29,8 @@ SCHEMES = {"w4a16": 4, "w8a16": 8}
 # Linear modules outside the quantized components, as compressed-tensors "re:" patterns.
 _ALWAYS_IGNORED = ["re:^thinker\\.audio_tower\\.", "re:^thinker\\.visual\\.",
                    "re:.*\\.mlp\\.gate$", "re:.*\\.mlp\\.shared_expert_gate$",
-                   "thinker.lm_head", "talker.codec_head", "re:^talker\\.code_predictor\\.lm_head\\.",
+                   "thinker.lm_head", "talker.codec_head",
+                   "re:^talker\\.code_predictor\\.lm_head\\.",
                    "re:^talker\\.(text|hidden)_projection\\.", "re:^code2wav\\."]
 _COMPONENT_PATTERN = {"thinker": "re:^thinker\\.model\\.layers\\.",
                       "talker": "re:^talker\\.model\\.layers\\.",
