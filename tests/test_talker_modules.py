@@ -53,8 +53,9 @@ def test_state_dict_keys_are_checkpoint_keys(pair):
         on_disk.add(f"{m['prefix']}.{EXPERT_TARGETS[m['proj']][0]}" if m else key)
     ours = {f"talker.{k}" for k in talker.state_dict()}
     assert ours == on_disk, (sorted(ours - on_disk), sorted(on_disk - ours))
-    # only rotary tables are buffers, and none of them is saved
-    assert {n.rsplit(".", 1)[-1] for n, _ in talker.named_buffers()} <= {"inv_freq", "axis"}
+    # only rotary tables and the codebook-0 mask are buffers, and none of them is saved
+    assert {n.rsplit(".", 1)[-1] for n, _ in talker.named_buffers()} <= {
+        "inv_freq", "axis", "code0_suppress"}
 
 
 def _positions(b: int, s: int) -> torch.Tensor:
