@@ -256,6 +256,54 @@ def test_prefixes_never_make_requests_wait(omni):
         omni.generate(HELLO, max_new_tokens=2, prefix="not a prefix")
 
 
+def test_prefixes_replaced_before_they_are_prefilled_hold_no_rows(omni):
+    """Replacements that come faster than the engine prefills them (a client streaming audio
+    quickly): the newest continues the newest prefilled one, and the prefixes between hold
+    nothing; closing the newest, or one too long to help, frees the whole chain."""
+    from qomni.engine.engine import Engine
+    from qomni.engine.request import Prefix
+
+    engine = Engine(omni.model, omni._stop_ids(), max_num_seqs=3, max_model_len=256)
+    history = [omni.process(HISTORY[:k], add_generation_prompt=False) for k in (1, 2, 3)]
+
+    def prefilled(inputs, base=None):
+        p = Prefix(inputs, capture=False, base=base)
+        engine.add_prefix(p)
+        engine.step()
+        assert p.ready
+        return p
+
+    p0 = prefilled(history[0])
+    p1 = Prefix(history[1], capture=False, base=p0)
+    engine.add_prefix(p1)
+    p2 = Prefix(history[2], capture=False, base=p1)
+    engine.add_prefix(p2)  # p1 was never prefilled: p2 continues p0
+    assert p1.closed and p1.row is None and p2.base is p0
+    engine.step()
+    assert p2.ready and p2.continued == len(history[0]) and p0.closed
+    assert len(engine.free_rows) == 2 and engine.prefixes == [p2]
+    engine.release_prefix(p2)
+    assert len(engine.free_rows) == 3 and not engine.prefixes
+
+    q0 = prefilled(history[0])
+    q1 = Prefix(history[1], capture=False, base=q0)
+    engine.add_prefix(q1)
+    engine.release_prefix(q1)  # closed before it was prefilled: what it replaces goes too
+    assert q0.closed and len(engine.free_rows) == 3 and not engine.prefixes
+
+    # Through the engine thread: a replacement too long for the engine frees its base.
+    loop_engine = omni._loop().engine
+    base = _ready(omni.open_prefix(HISTORY))
+    too_long = [*HISTORY, {"role": "user", "content": "tides " * 300}]
+    with pytest.raises(ValueError):  # the request itself is refused...
+        omni.generate(too_long, max_new_tokens=1)
+    omni.open_prefix(too_long, replaces=base)  # ...and the prefix dropped, with its base
+    deadline = time.monotonic() + 10
+    while not _rows_all_free(loop_engine):
+        assert time.monotonic() < deadline, "a dropped prefix's base still holds its row"
+        time.sleep(0.02)
+
+
 # ------------------------------------------------------------------ a turn still being spoken
 
 WINDOW_S = 2.0  # tiny config "a": n_window_infer = 200 mel frames

@@ -89,13 +89,20 @@ class Engine:
         if not 0 < n < self.max_model_len:
             raise ValueError(f"a prefix of {n} tokens does not fit max_model_len "
                              f"{self.max_model_len}")
-        if prefix.base is not None and not prefix.base.ready:  # nothing there to continue
-            self.release_prefix(prefix.base)
-            prefix.base = None
+        # A base not prefilled yet has nothing to continue: continue the prefilled one it
+        # replaces, if any (the prefixes between are of no use any more).
+        while prefix.base is not None and not prefix.base.ready:
+            stale = prefix.base
+            prefix.base, stale.base = stale.base, None
+            self.release_prefix(stale)
         self.prefixes.append(prefix)
 
     def release_prefix(self, prefix: Prefix) -> None:
-        """Free what a prefix holds (nothing once a request took it over)."""
+        """Free what a prefix holds (nothing once a request took it over), and the earlier
+        prefix it was to replace: that one is closed either way."""
+        base, prefix.base = prefix.base, None
+        if base is not None:
+            self.release_prefix(base)
         if prefix in self.prefixes:
             self.prefixes.remove(prefix)
         if prefix.row is not None and not prefix.closed:

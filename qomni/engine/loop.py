@@ -72,7 +72,7 @@ class EngineLoop:
                     try:
                         self.engine.add_prefix(prefix)
                     except ValueError:  # too long to help: the request prefills it all
-                        prefix.closed = True
+                        self.engine.release_prefix(prefix)
             for req, deliver in inbox:
                 try:
                     self.engine.add(req)
