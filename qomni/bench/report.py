@@ -64,7 +64,7 @@ def compare(qomni: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str,
     return out
 
 
-def _machine_line(m: Mapping[str, Any]) -> str:
+def machine_line(m: Mapping[str, Any]) -> str:
     flags = ", ".join(m["cpu_flags"]) or "none of the listed SIMD flags"
     return (f"machine: {m['cpu']} ({flags}; torch CPU kernels: {m['torch_cpu_capability']}), "
             f"{m['cores']} cores, {m['ram_gib']:.1f} GiB RAM, torch {m['torch']}"
@@ -150,7 +150,7 @@ def _comparison_report(results: Mapping[str, Any]) -> list[str]:
 
 def format_report(results: Mapping[str, Any]) -> str:
     depth = ", ".join(f"{k} {v}" for k, v in results["model"]["depth"].items())
-    lines = [_machine_line(results["machine"]),
+    lines = [machine_line(results["machine"]),
              f"model: {results['model']['path']} (layers: {depth})", ""]
     q = results["qomni"]
     lines += [f"qomni failed: {q['error']}"] if "error" in q else \

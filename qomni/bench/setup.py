@@ -168,7 +168,7 @@ def bench_checkpoint(config: dict[str, Any] | None = None, seed: int = 0) -> Pat
     path = user_cache() / f"bench-{digest}"
 
     def build(tmp: Path) -> None:
-        log(f"building the random real-width checkpoint in {path} (once; a few minutes)")
+        log(f"building the random benchmark checkpoint in {path} (once; a few minutes)")
         # Built in bf16 (the published checkpoint's dtype): an fp32 model plus its random state
         # dict would not fit 24 GiB. The loader converts to the benchmark's dtype.
         default = torch.get_default_dtype()
