@@ -34,10 +34,10 @@ from qomni.bench.setup import bench_checkpoint, bench_config, log, model_summary
 from qomni.bench.vllm_peer import timed_runs
 from qomni.tiny import TINY_CONFIG, user_cache
 
-# The medium checkpoint: the thinker at a quarter of the real width (the real head_dim/hidden
-# and moe_intermediate/hidden ratios), 4 layers, 16 experts top-4; encoders, talker and vocoder
-# tiny (only the thinker runs here).
-_MEDIUM_TEXT = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+# The medium checkpoint: the thinker at a quarter of the real width, with the real model's
+# proportions (query width 2x hidden, 8 query heads per KV head, expert width 3/8 of hidden),
+# 4 layers, 16 experts top-4; encoders, talker and vocoder tiny (only the thinker runs here).
+_MEDIUM_TEXT = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 16,
                 "num_key_value_heads": 2, "head_dim": 64, "moe_intermediate_size": 192,
                 "num_experts": 16, "num_experts_per_tok": 4,
                 "rope_scaling": {"rope_type": "default", "interleaved": True,
