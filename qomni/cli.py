@@ -66,8 +66,6 @@ def _serve(args: argparse.Namespace) -> int:
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         raise FileNotFoundError(f"--allowed-local-media-path {args.allowed_local_media_path!r} "
                                 "is not a directory")
-    omni = Omni.load(args.model, dtype=args.dtype, device=args.device,
-                     quantization=args.quantization)
     name = args.served_model_name or args.model or "qomni-tiny-demo"
     limits = Limits(max_request_bytes=args.max_request_mb * 1024 * 1024,
                     max_media_items=args.max_media_items,
@@ -75,13 +73,23 @@ def _serve(args: argparse.Namespace) -> int:
                     max_realtime_sessions=args.max_realtime_sessions,
                     media_timeout_s=args.media_timeout,
                     media_networks=tuple(args.allow_media_network))
-    app = create_app(omni, model_name=name,
-                     api_key=args.api_key or os.environ.get("QOMNI_API_KEY") or None,
-                     allowed_local_media_path=args.allowed_local_media_path,
-                     allow_remote_media=args.allow_remote_media, limits=limits,
-                     reasoning={"auto": None, "on": True, "off": False}[args.reasoning],
-                     allowed_origins=args.allowed_origins.split(",") if args.allowed_origins
-                     else None, special_tokens_in_text=args.allow_special_tokens_in_text)
+    server = {"model_name": name,
+              "api_key": args.api_key or os.environ.get("QOMNI_API_KEY") or None,
+              "allowed_local_media_path": args.allowed_local_media_path,
+              "allow_remote_media": args.allow_remote_media, "limits": limits,
+              "reasoning": {"auto": None, "on": True, "off": False}[args.reasoning],
+              "allowed_origins": args.allowed_origins.split(",") if args.allowed_origins
+              else None, "special_tokens_in_text": args.allow_special_tokens_in_text}
+    if args.replicas is not None:
+        try:
+            from qomni.serve_ray.run import serve_replicas
+        except ImportError as e:
+            raise RuntimeError(f"`qomni serve --replicas` needs Ray Serve ({e.name} is "
+                               "missing): pip install 'qomni[ray]'") from None
+        return serve_replicas(args, server)
+    omni = Omni.load(args.model, dtype=args.dtype, device=args.device,
+                     quantization=args.quantization)
+    app = create_app(omni, **server)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qomni: serving {name!r} at http://{host}:{args.port}/v1 (OpenAI API: "
           "/v1/chat/completions, /v1/models, /v1/realtime; also /health, /metrics)",
@@ -244,6 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu | cuda | cuda:N")
     s.add_argument("--quantization", help=QUANTIZATION_HELP)
     s.add_argument("--log-level", default="info")
+    r = s.add_argument_group("scaling out on Ray Serve (pip install 'qomni[ray]'; "
+                             "docs/scaling.md)")
+    r.add_argument("--replicas", type=int, metavar="N",
+                   help="serve N engine replicas behind one endpoint (least-loaded routing, "
+                        "realtime sessions pinned to a replica)")
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of "
+                        "starting a local one")
+    r.add_argument("--max-replicas", type=int, metavar="M",
+                   help="autoscale between --replicas and M replicas")
+    r.add_argument("--target-ongoing-requests", type=float, default=4.0,
+                   help="with --max-replicas: requests per replica the autoscaler aims at")
+    r.add_argument("--replica-gpus", type=float,
+                   help="GPUs per replica (default: 1 if the cluster has GPUs, else 0)")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica")
     s.set_defaults(func=_serve)
 
     t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint")

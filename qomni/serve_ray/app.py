@@ -1,0 +1,73 @@
+"""The Serve application: `build_app(...)` for Python, `app_builder` for `serve run`.
+
+    Engine  N replicas, each one `Omni` (one GPU each with replica_gpus=1, or a CPU share),
+            routed least-loaded, a realtime session's calls pinned to one (router.py)
+    Ingress the same FastAPI app as `qomni serve` (chat completions with SSE audio, the
+            realtime WebSocket, the web demo, /metrics), calling the engine replicas through
+            a DeploymentHandle, streaming
+
+Serve's own settings per deployment (num_replicas, autoscaling_config, ray_actor_options,
+max_ongoing_requests, health checks, graceful shutdown) can be overridden by name ("Engine",
+"Ingress") in a `serve run` config file (deploy/ray-serve.yaml)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from qomni.serve_ray.ingress import Ingress
+from qomni.serve_ray.replica import EngineReplica
+from qomni.serve_ray.router import ROUTER
+
+ENGINE, INGRESS = "Engine", "Ingress"
+SHUTDOWN_TIMEOUT_S = 120.0  # a stopping replica lets its requests finish for this long
+
+
+def build_app(model: str | None = None, *, replicas: int = 1,
+              autoscaling: dict[str, Any] | None = None, replica_gpus: float = 0.0,
+              replica_cpus: float = 1.0, dtype: str | None = None, device: str | None = None,
+              audio_output: bool | None = None, quantization: str | None = None,
+              engine_options: dict[str, Any] | None = None,
+              max_ongoing_requests: int = 32, server: dict[str, Any] | None = None
+              ) -> Application:
+    """`replicas` engine replicas of `model` behind one ingress. `autoscaling`: Serve's
+    autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...), instead of
+    a fixed count. `quantization`: Omni.load's ("int8" | "int4"). `engine_options`: Omni.load's (max_num_seqs, max_model_len, ...).
+    `server`: create_app's keywords (model_name, api_key, allow_remote_media, reasoning, ...;
+    `limits` as a dict of Limits fields)."""
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas}")
+    if replica_gpus < 0 or replica_cpus < 0:
+        raise ValueError("replica_gpus and replica_cpus must be >= 0")
+    count: dict[str, Any] = ({"autoscaling_config": autoscaling} if autoscaling
+                             else {"num_replicas": replicas})
+    engine = serve.deployment(EngineReplica, name=ENGINE).options(
+        ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
+        max_ongoing_requests=max_ongoing_requests,
+        request_router_config=RequestRouterConfig(request_router_class=ROUTER),
+        health_check_period_s=10.0, health_check_timeout_s=60.0,
+        graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=SHUTDOWN_TIMEOUT_S,
+        **count)
+    ingress = serve.deployment(serve.ingress()(Ingress), name=INGRESS).options(
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
+        graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=SHUTDOWN_TIMEOUT_S)
+    return ingress.bind(
+        engine.bind(model, dtype=dtype, device=device, audio_output=audio_output,
+                    quantization=quantization, engine_options=engine_options),
+        dict(server or {}))
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """For `serve run qomni.serve_ray:app_builder model=DIR replicas=2` and config files:
+    `args` are build_app's keywords (from the command line they arrive as strings)."""
+    args = dict(args)
+    for name in ("replicas", "max_ongoing_requests"):
+        if name in args:
+            args[name] = int(args[name])
+    for name in ("replica_gpus", "replica_cpus"):
+        if name in args:
+            args[name] = float(args[name])
+    return build_app(**args)

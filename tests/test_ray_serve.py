@@ -1,0 +1,258 @@
+"""qomni on Ray Serve, as clients use it: a local Ray instance on 2 CPUs, two engine replicas of
+a tiny random checkpoint behind the ingress, the real openai and websocket clients over HTTP.
+Every answer is checked against `Omni.generate` in this process on the same conversation, so
+the replicas, the router and the streaming through Ray add no drift of their own."""
+
+import base64
+import json
+import socket
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from ray import serve
+from websockets.sync.client import connect
+
+from qomni import Omni
+from qomni.audio_out import pcm16
+from qomni.serve_ray import ENGINE, build_app
+from qomni.server.realtime_config import VOICE_ASSISTANT_PROMPT
+from qomni.tiny import make_tiny
+
+MODEL = "tiny-omni"
+HEADER = "x-qomni-replica"
+
+
+class Cluster:
+    def __init__(self, url: str, ref: Omni):
+        self.url, self.ref = url, ref
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0,
+                                    timeout=120)
+
+    def stream(self, messages, **kw):
+        """(replica header, the stream of chunks)."""
+        raw = self.client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, stream=True, **kw)
+        return raw.headers[HEADER], raw.parse()
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=60) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def replicas(self) -> dict[str, dict]:
+        _, body = self.get("/health")
+        return {r["replica"]: r for r in json.loads(body)["replicas"]}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tiny = make_tiny(tmp_path_factory.mktemp("ray") / "tiny")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # One CPU per replica: the two fill the instance, and a replacement gets the CPU of
+        # the replica it replaces.
+        serve.run(build_app(str(tiny), replicas=2, replica_cpus=1, dtype="float32",
+                            device="cpu", server={"model_name": MODEL}),
+                  name="qomni", route_prefix="/")
+        ref = Omni.load(tiny, dtype="float32", device="cpu", progress=False)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as a replica with one CPU: the same sums in the same order
+        try:
+            yield Cluster(f"http://127.0.0.1:{port}", ref)
+        finally:
+            torch.set_num_threads(threads)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _collect(chunks) -> tuple[str, bytes]:
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    audio = [getattr(d, "audio", None) or {} for d in deltas]
+    audio = [a if isinstance(a, dict) else a.model_dump() for a in audio]
+    pcm = b"".join(base64.b64decode(a["data"]) for a in audio if a.get("data"))
+    return "".join(d.content or "" for d in deltas), pcm
+
+
+def _speech_kw(frames: int) -> dict:
+    return {"modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "pcm16"},
+            "extra_body": {"max_audio_frames": frames}}
+
+
+def test_eight_concurrent_streams_use_both_replicas_and_match_one_process(cluster):
+    """8 openai clients at once (two asking for speech, seeded: the talker samples): each gets
+    exactly what one process gives alone, and the router spread them over both replicas, as headers and /metrics say."""
+    before = cluster.replicas()
+    assert len(before) == 2 and all(r["state"] == "up" for r in before.values())
+    convs = [[{"role": "user", "content": f"Question {i}"}] for i in range(8)]
+    speak = {0, 5}
+    results: list = [None] * 8
+
+    def ask(i):
+        kw = {"max_tokens": 6, "seed": i} | (_speech_kw(6) if i in speak else {})
+        replica, chunks = cluster.stream(convs[i], **kw)
+        results[i] = (replica, *_collect(chunks))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for i, conv in enumerate(convs):
+        want = cluster.ref.generate(conv, max_new_tokens=6, seed=i, return_audio=i in speak,
+                                    max_audio_frames=6 if i in speak else None)
+        expected_pcm = pcm16(want.audio).tobytes() if i in speak else b""
+        assert results[i][1:] == (want.text, expected_pcm), i
+    served = {r[0] for r in results}
+    assert served == set(before)
+    after = cluster.replicas()
+    for rid in served:
+        n = sum(r[0] == rid for r in results)
+        assert after[rid]["requests"] - before[rid]["requests"] == n
+    status, text = cluster.get("/metrics")
+    assert status == 200
+    for rid in served:
+        assert f'qomni_replica_up{{replica="{rid}"}} 1.0' in text.decode()
+        assert f'qomni_replica_requests_total{{replica="{rid}"}}' in text.decode()
+    assert b"qomni_requests_total" in text  # the ingress's own metrics are there too
+
+
+class RT:
+    def __init__(self, url: str):
+        self._conn = connect(url.replace("http", "ws") + f"/v1/realtime?model={MODEL}",
+                             max_size=None, open_timeout=60)
+        self.ws = self._conn.__enter__()
+        assert self.recv()["type"] == "session.created"
+
+    def send(self, **event) -> None:
+        self.ws.send(json.dumps(event))
+
+    def recv(self) -> dict:
+        return json.loads(self.ws.recv(timeout=120))
+
+    def until(self, kind: str) -> list[dict]:
+        out = []
+        while True:
+            ev = self.recv()
+            assert ev["type"] != "error", ev
+            out.append(ev)
+            if ev["type"] == kind:
+                return out
+
+    def close(self) -> None:
+        self._conn.__exit__(None, None, None)
+
+
+def test_a_realtime_session_stays_on_its_replica(cluster):
+    """Three spoken turns (the audio prefilled while it arrives, on a replica): every call of
+    the session goes to one replica, each reply equals one process's, and a later turn
+    continues the prefix that replica prefilled."""
+    rt = RT(cluster.url)
+    rt.send(type="session.update", session={"modalities": ["text"], "turn_detection": None,
+                                            "max_tokens": 4, "input_audio_sample_rate": 16000})
+    rt.until("session.updated")
+    before = cluster.replicas()
+    rng = np.random.default_rng(0)
+    conv = [{"role": "system", "content": VOICE_ASSISTANT_PROMPT}]
+    cached = []
+    for turn in range(3):
+        pcm = (rng.standard_normal(16000 * 3) * 3000).astype("<i2")
+        for i in range(0, len(pcm), 1600):
+            rt.send(type="input_audio_buffer.append",
+                    audio=base64.b64encode(pcm[i:i + 1600].tobytes()).decode())
+        rt.send(type="input_audio_buffer.commit")
+        rt.until("conversation.item.created")
+        rt.send(type="response.create")
+        events = rt.until("response.done")
+        text = "".join(e["delta"] for e in events if e["type"].endswith("text.delta"))
+        conv.append({"role": "user", "content": [{"type": "audio",
+                                                  "audio": pcm.astype(np.float32) / 32768.0}]})
+        want = cluster.ref.generate(conv, max_new_tokens=4, return_audio=False)
+        assert text == want.text, turn
+        conv.append({"role": "assistant", "content": text})
+        usage = events[-1]["response"]["usage"]
+        cached.append(usage["input_token_details"]["cached_tokens"])
+    rt.close()
+    after = cluster.replicas()
+    grew = {rid: after[rid]["pinned_calls"] - before[rid]["pinned_calls"] for rid in after}
+    home = max(grew, key=grew.get)
+    # Each turn: a prefix opened when its audio starts, grown per finished window, a response.
+    assert grew[home] >= 6
+    assert all(after[r]["requests"] == before[r]["requests"] for r in after if r != home)
+    assert after[home]["requests"] - before[home]["requests"] == 3
+    assert cached[-1] > 0  # the prefix prefilled on that replica was continued
+
+
+def _find_actor(replica: str):
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["name"].endswith(f"#{ENGINE}#{replica}"):
+            return ray.get_actor(a["name"], namespace=a["namespace"])
+    raise AssertionError(f"no actor for replica {replica}")
+
+
+def test_a_replica_killed_mid_stream_errors_its_clients_and_comes_back(cluster):
+    """Four long streams; one replica is killed while they run. Its clients get an error event
+    (no hang), the others finish with one process's answer, Serve starts a replacement, and new
+    requests are served."""
+    convs = [[{"role": "user", "content": f"Tell a long story {i}"}] for i in range(4)]
+    started = [threading.Event() for _ in convs]
+    results: list = [None] * 4
+    n_tokens = 200
+
+    def ask(i):
+        replica, chunks = cluster.stream(convs[i], max_tokens=n_tokens)
+        text, error = [], None
+        try:
+            for c in chunks:
+                if c.choices and c.choices[0].delta.content:
+                    text.append(c.choices[0].delta.content)
+                started[i].set()
+        except openai.APIError as e:
+            error = e
+        results[i] = (replica, "".join(text), error)
+        started[i].set()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for ev in started:
+        assert ev.wait(120)
+    by_replica = cluster.replicas()
+    victim = next(r for r in by_replica if by_replica[r]["running"] > 0)
+    ray.kill(_find_actor(victim), no_restart=True)
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive(), "a stream hung after its replica died"
+    for i, (replica, text, error) in enumerate(results):
+        if replica == victim and error is not None:
+            assert "replica" in str(error), error
+        else:
+            want = cluster.ref.generate(convs[i], max_new_tokens=n_tokens)
+            assert error is None and text == want.text, (i, error)
+    assert any(r[0] == victim and r[2] is not None for r in results)
+    deadline = time.monotonic() + 120
+    while True:
+        now = cluster.replicas()
+        if victim not in now and sum(r["state"] == "up" for r in now.values()) == 2:
+            break
+        assert time.monotonic() < deadline, f"no replacement replica: {now}"
+        time.sleep(1)
+    conv = [{"role": "user", "content": "After"}]
+    _, chunks = cluster.stream(conv, max_tokens=4)
+    assert _collect(chunks)[0] == cluster.ref.generate(conv, max_new_tokens=4).text
