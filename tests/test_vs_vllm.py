@@ -8,6 +8,7 @@ import math
 import pytest
 
 from qomni.bench import vllm_peer, vs_vllm
+from qomni.bench.reference import greedy_thinker_ids
 
 
 def fake_result(backend, first, total, batches=(1, 8), new_tokens=64, ids=None):
@@ -177,5 +178,5 @@ def test_qomni_and_transformers_sides_agree_on_a_tiny_checkpoint(hf_tiny):
     assert [len(ids) for ids in q["token_ids"]] == [4, 4, 4]
     assert set(q["runs"]) == {"1", "3"}
     assert all(len(r["first_token_s"]) == len(r["total_s"]) == 1 for r in q["runs"].values())
-    ref = vs_vllm.reference_ids(str(path), prompt_ids[:3], 4)
+    ref = greedy_thinker_ids(str(path), prompt_ids[:3], 4)
     assert vs_vllm.first_difference(q["token_ids"], ref["token_ids"]) is None

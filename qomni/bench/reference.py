@@ -4,7 +4,8 @@ transformers (a test extra, never a runtime dependency).
 
 Inputs come from qomni's processor (equal to transformers' own, see the parity tests). The
 reference cannot stream, so its stages are taken with forward hooks on one
-`generate(return_audio=True)`, and its time to first audio is that call's wall time.
+`generate(return_audio=True)`, and its time to first audio is that call's wall time. Also the
+reference's greedy thinker ids, which `--vs-vllm` checks both engines against.
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ from qomni.bench.setup import (
 from qomni.config import OmniConfig
 from qomni.multimodal.processor import ProcessedInputs, Processor
 from qomni.omni import DEFAULT_SPEAKER, resolve_device, resolve_dtype
+
+
+def _transformers() -> Any:
+    """The transformers package, or a clear error: it is a test extra, not a dependency."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise RuntimeError(f"comparing with the reference needs transformers, a test extra "
+                           f"({e}): pip install 'qomni[test]'") from None
+    return transformers
 
 
 def hf_inputs(x: ProcessedInputs, device: torch.device, batch: int = 1) -> dict[str, Any]:
@@ -104,16 +115,11 @@ def _speech_run(model: Any, inputs: dict[str, Any], settings: Settings, sample_r
 
 def bench_transformers(path: str | Path, settings: Settings, load: Load) -> dict[str, Any]:
     """The same measurements through transformers' reference implementation (in this process)."""
-    try:
-        import transformers
-        from transformers import Qwen3OmniMoeForConditionalGeneration
-    except ImportError as e:
-        raise RuntimeError(f"--vs-transformers needs transformers, a test extra ({e}): "
-                           "pip install 'qomni[test]'") from None
-
+    transformers = _transformers()
     dev = resolve_device(load.device)
     dt = resolve_dtype(load.dtype, dev)
-    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, dtype=dt).to(dev).eval()
+    model = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(
+        path, dtype=dt).to(dev).eval()
     # A bug of the reference: its talker reads audio_config, which only the thinker's config
     # has (audio together with an image crashes without this).
     model.talker.config.audio_config = model.config.thinker_config.audio_config
@@ -149,3 +155,20 @@ def bench_transformers(path: str | Path, settings: Settings, load: Load) -> dict
             "prompt_tokens": int(inputs["input_ids"].shape[1]), "stages": stages, "e2e": e2e,
             "throughput": throughput, "peak_rss_gib": peak_rss_gib(),
             "load_average_after": os.getloadavg()[0]}
+
+
+def greedy_thinker_ids(path: str, prompt_ids: list[list[int]], new_tokens: int) -> dict[str, Any]:
+    """transformers' greedy thinker ids in float32, one prompt at a time, EOS ignored."""
+    transformers = _transformers()
+    model = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, enable_audio_output=False).eval()
+    thinker = model.thinker
+    thinker.generation_config.eos_token_id = None  # no stop token: new_tokens every time
+    ids = []
+    with torch.inference_mode():
+        for prompt in prompt_ids:
+            x = torch.tensor([prompt])
+            out = thinker.generate(input_ids=x, attention_mask=torch.ones_like(x),
+                                   max_new_tokens=new_tokens, do_sample=False)
+            ids.append(out[0, x.shape[1]:].tolist())
+    return {"backend": "transformers", "version": transformers.__version__, "token_ids": ids}

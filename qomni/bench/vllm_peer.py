@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes.util
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -135,7 +136,6 @@ def measure(llm: Any, prompts: list[str], batches: list[int], new_tokens: int,
 
 def bench(request: dict[str, Any]) -> dict[str, Any]:
     import torch
-    import transformers
     import vllm
     from vllm import LLM
 
@@ -161,7 +161,7 @@ def bench(request: dict[str, Any]) -> dict[str, Any]:
     env = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND",
            "VLLM_CPU_NUM_OF_RESERVED_CPU", "OMP_NUM_THREADS", "LD_PRELOAD")
     return {"backend": "vllm-cpu", "version": vllm.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "dtype": request.get("dtype", "float32"),
+            "transformers": importlib.metadata.version("transformers"), "dtype": request.get("dtype", "float32"),
             "threads": torch.get_num_threads(), "executor": "uni",
             "env": {k: os.environ.get(k) for k in env}, "load_s": load_s,
             "new_tokens": int(request["new_tokens"]), **result,

@@ -29,6 +29,7 @@ from typing import Any
 from qomni.bench import in_subprocess
 from qomni.bench.floors import peak_rss_gib
 from qomni.bench.machine import machine_info
+from qomni.bench.reference import greedy_thinker_ids
 from qomni.bench.report import machine_line
 from qomni.bench.setup import bench_checkpoint, bench_config, log, model_summary
 from qomni.bench.vllm_peer import timed_runs
@@ -123,26 +124,6 @@ def bench_qomni(path: str, dtype: str, workload: Workload) -> dict[str, Any]:
             "load_average_after": os.getloadavg()[0]}
 
 
-def reference_ids(path: str, prompt_ids: list[list[int]], new_tokens: int) -> dict[str, Any]:
-    """transformers' greedy thinker ids in float32, one prompt at a time, EOS ignored."""
-    import torch
-    import transformers
-    from transformers import Qwen3OmniMoeForConditionalGeneration
-
-    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, enable_audio_output=False).eval()
-    thinker = model.thinker
-    thinker.generation_config.eos_token_id = None  # no stop token: new_tokens every time
-    ids = []
-    with torch.inference_mode():
-        for prompt in prompt_ids:
-            x = torch.tensor([prompt])
-            out = thinker.generate(input_ids=x, attention_mask=torch.ones_like(x),
-                                   max_new_tokens=new_tokens, do_sample=False)
-            ids.append(out[0, x.shape[1]:].tolist())
-    return {"backend": "transformers", "version": transformers.__version__, "token_ids": ids}
-
-
 # -- vLLM -------------------------------------------------------------------------------------
 
 def default_venv() -> Path:
@@ -207,7 +188,7 @@ def compare_size(path: Path, dtypes: Sequence[str], workload: Workload,
     if "float32" in dtypes:
         log(f"{path.name}: transformers' float32 greedy ids")
         batch = max(workload.batches)
-        out["reference"] = in_subprocess(reference_ids, str(path), prompt_ids[:batch],
+        out["reference"] = in_subprocess(greedy_thinker_ids, str(path), prompt_ids[:batch],
                                          workload.new_tokens)
     out["prompt_ids"] = prompt_ids
     return out
