@@ -95,6 +95,16 @@ def _speech_kw(frames: int) -> dict:
             "extra_body": {"max_audio_frames": frames}}
 
 
+def test_cli_checks_the_replica_counts(capsys):
+    from qomni.cli import main
+
+    assert main(["serve", "--replicas", "0"]) == 2
+    assert "--replicas must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--replicas", "2", "--max-replicas", "1"]) == 2
+    assert "--max-replicas 1 is below --replicas 2" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
 def test_eight_concurrent_streams_use_both_replicas_and_match_one_process(cluster):
     """8 openai clients at once (two asking for speech, seeded: the talker samples): each gets
     exactly what one process gives alone, and the router spread them over both replicas, as headers and /metrics say."""
@@ -206,10 +216,31 @@ def _find_actor(replica: str):
     raise AssertionError(f"no actor for replica {replica}")
 
 
+def _text_turn(rt: RT, text: str) -> str:
+    rt.send(type="conversation.item.create", item={
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]})
+    rt.until("conversation.item.created")
+    rt.send(type="response.create")
+    events = rt.until("response.done")
+    return "".join(e["delta"] for e in events if e["type"].endswith("text.delta"))
+
+
 def test_a_replica_killed_mid_stream_errors_its_clients_and_comes_back(cluster):
-    """Four long streams; one replica is killed while they run. Its clients get an error event
-    (no hang), the others finish with one process's answer, Serve starts a replacement, and new
-    requests are served."""
+    """A realtime session's replica is killed while four long streams run. Its streams end
+    with an error event (no hang), the others finish with one process's answer, Serve starts a
+    replacement, new requests are served, and the session's next turn re-homes."""
+    rt = RT(cluster.url)
+    rt.send(type="session.update", session={"modalities": ["text"], "turn_detection": None,
+                                            "max_tokens": 4})
+    rt.until("session.updated")
+    before = cluster.replicas()
+    conv = [{"role": "system", "content": VOICE_ASSISTANT_PROMPT},
+            {"role": "user", "content": "First"}]
+    reply = _text_turn(rt, "First")
+    assert reply == cluster.ref.generate(conv, max_new_tokens=4).text
+    after = cluster.replicas()
+    victim = max(after, key=lambda r: after[r]["pinned_calls"] - before[r]["pinned_calls"])
+
     convs = [[{"role": "user", "content": f"Tell a long story {i}"}] for i in range(4)]
     started = [threading.Event() for _ in convs]
     results: list = [None] * 4
@@ -233,19 +264,17 @@ def test_a_replica_killed_mid_stream_errors_its_clients_and_comes_back(cluster):
         t.start()
     for ev in started:
         assert ev.wait(120)
-    by_replica = cluster.replicas()
-    victim = next(r for r in by_replica if by_replica[r]["running"] > 0)
+    assert cluster.replicas()[victim]["running"] > 0
     ray.kill(_find_actor(victim), no_restart=True)
     for t in threads:
         t.join(120)
         assert not t.is_alive(), "a stream hung after its replica died"
     for i, (replica, text, error) in enumerate(results):
-        if replica == victim and error is not None:
-            assert "replica" in str(error), error
+        if replica == victim:
+            assert error is not None and "replica" in str(error), (i, error)
         else:
             want = cluster.ref.generate(convs[i], max_new_tokens=n_tokens)
             assert error is None and text == want.text, (i, error)
-    assert any(r[0] == victim and r[2] is not None for r in results)
     deadline = time.monotonic() + 120
     while True:
         now = cluster.replicas()
@@ -253,6 +282,43 @@ def test_a_replica_killed_mid_stream_errors_its_clients_and_comes_back(cluster):
             break
         assert time.monotonic() < deadline, f"no replacement replica: {now}"
         time.sleep(1)
-    conv = [{"role": "user", "content": "After"}]
-    _, chunks = cluster.stream(conv, max_tokens=4)
-    assert _collect(chunks)[0] == cluster.ref.generate(conv, max_new_tokens=4).text
+    one = [{"role": "user", "content": "After"}]
+    _, chunks = cluster.stream(one, max_tokens=4)
+    assert _collect(chunks)[0] == cluster.ref.generate(one, max_new_tokens=4).text
+    conv += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Second"}]
+    assert _text_turn(rt, "Second") == cluster.ref.generate(conv, max_new_tokens=4).text
+    rt.close()
+
+
+def test_shutdown_lets_in_flight_streams_finish(cluster):
+    """Deleting the application (what `qomni serve --replicas` does on Ctrl-C) while two
+    streams run: both finish with their whole answer before the replicas stop. Last test: the
+    application is gone after it."""
+    convs = [[{"role": "user", "content": f"Last words {i}"}] for i in range(2)]
+    started = [threading.Event() for _ in convs]
+    results: list = [None] * 2
+
+    def ask(i):
+        _, chunks = cluster.stream(convs[i], max_tokens=120)
+        text = []
+        try:
+            for c in chunks:
+                if c.choices and c.choices[0].delta.content:
+                    text.append(c.choices[0].delta.content)
+                    started[i].set()
+            results[i] = "".join(text)
+        except openai.APIError as e:
+            results[i] = e
+        started[i].set()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for ev in started:
+        assert ev.wait(120)
+    serve.delete("qomni")
+    for t in threads:
+        t.join(120)
+    for i, conv in enumerate(convs):
+        assert results[i] == cluster.ref.generate(conv, max_new_tokens=120).text, i
+    assert cluster.get("/health")[0] == 404  # the application is gone

@@ -192,6 +192,10 @@ def _mapped_errors(mid_stream: bool = False):
             raise
         raise cause from None
     except _DIED as e:
+        conn = connection.get()
+        if conn is not None:  # a session pinned to it re-homes on its next call
+            with conn.lock:
+                conn.replica = None
         when = "while answering" if mid_stream else "before answering"
         raise APIError(503, f"the engine replica stopped {when} ({type(e).__name__}); "
                        "retry the request", code="replica_unavailable") from None
