@@ -141,6 +141,25 @@ def test_eight_concurrent_streams_use_both_replicas_and_match_one_process(cluste
         assert f'qomni_replica_up{{replica="{rid}"}} 1.0' in text.decode()
         assert f'qomni_replica_requests_total{{replica="{rid}"}}' in text.decode()
     assert b"qomni_requests_total" in text  # the ingress's own metrics are there too
+    status, page = cluster.get("/")
+    assert status == 200 and b"<html" in page.lower()  # the web demo
+
+
+def test_a_client_that_goes_away_aborts_its_request_on_the_replica(cluster):
+    """Closing a stream after its first chunk stops the generation on its replica (the request
+    would otherwise run to its 3000 tokens)."""
+    before = cluster.replicas()
+    replica, chunks = cluster.stream([{"role": "user", "content": "Go on"}], max_tokens=3000)
+    next(iter(chunks))
+    chunks.close()
+    deadline = time.monotonic() + 30
+    while True:
+        now = cluster.replicas()[replica]
+        if now["running"] == 0 and now["requests"] == before[replica]["requests"] + 1:
+            break
+        assert time.monotonic() < deadline, f"still generating: {now}"
+        time.sleep(0.2)
+    assert now["cancelled"] == before[replica]["cancelled"] + 1
 
 
 class RT:

@@ -116,27 +116,30 @@ class ReplicatedOmni:
     def open_prefix(self, messages: list[dict], *, replaces: RemotePrefix | None = None,
                     **kwargs: Any) -> RemotePrefix:
         """Blocking (the server calls it from a worker thread)."""
-        for retry in (False, True):
-            home = self._target(replaces)
-            old = None
-            if replaces is not None:
-                if replaces.replica == home:
-                    old = replaces.pid
-                else:
-                    replaces.close()
+        try:
+            return self._open_prefix(messages, replaces, kwargs)
+        except ReplicaGone:
+            # The replica it was meant for was replaced: open it anywhere, and stay there.
+            self._rehome()
             try:
-                with _mapped_errors():
-                    replica, pid, length = self._handle(home).open_prefix.remote(
-                        messages, kwargs, replaces=old, home=home).result()
+                return self._open_prefix(messages, None, kwargs)
             except ReplicaGone:
-                if retry:
-                    raise _gone() from None
-                self._rehome()
-                replaces = None
-                continue
-            self._arrived(replica)
-            return RemotePrefix(self, replica, pid, length)
-        raise AssertionError("unreachable")
+                raise _gone() from None
+
+    def _open_prefix(self, messages: list[dict], replaces: RemotePrefix | None,
+                     kwargs: dict[str, Any]) -> RemotePrefix:
+        home = self._target(replaces)
+        old = None
+        if replaces is not None:
+            if replaces.replica == home:
+                old = replaces.pid
+            else:
+                replaces.close()
+        with _mapped_errors():
+            replica, pid, length = self._handle(home).open_prefix.remote(
+                messages, kwargs, replaces=old, home=home).result()
+        self._arrived(replica)
+        return RemotePrefix(self, replica, pid, length)
 
     # -- routing -------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ PROBE_TIMEOUT_S = 10.0  # a replica that does not answer a probe in time is repo
 _COUNTERS = {  # EngineReplica.stats key -> (metric, help)
     "requests": ("qomni_replica_requests", "requests this replica finished"),
     "errors": ("qomni_replica_errors", "requests this replica ended with an error"),
+    "cancelled": ("qomni_replica_cancelled", "requests cancelled (their client went away)"),
     "prompt_tokens": ("qomni_replica_prompt_tokens", "prompt tokens this replica processed"),
     "completion_tokens": ("qomni_replica_completion_tokens", "text tokens it generated"),
     "audio_frames": ("qomni_replica_audio_frames", "codec frames (80 ms) it generated"),

@@ -40,7 +40,8 @@ class EngineReplica:
         self.max_prefixes = max_prefixes
         self.started = time.time()
         self.running = 0
-        self.served = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
+        self.served = {"requests": 0, "errors": 0, "cancelled": 0, "prompt_tokens": 0,
+                       "completion_tokens": 0,
                        "audio_frames": 0, "cached_tokens": 0, "pinned_calls": 0}
 
     def _at_home(self, home: str | None) -> None:
@@ -77,6 +78,9 @@ class EngineReplica:
                     yield ev
         except Exception:
             self.served["errors"] += 1
+            raise
+        except BaseException:  # cancelled: its client went away (the engine request aborted)
+            self.served["cancelled"] += 1
             raise
         finally:
             self.running -= 1
