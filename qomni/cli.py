@@ -3,9 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+from qomni.engine.config import EngineConfig
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per `EngineConfig` field (`--max-num-seqs`, ...), its help and default from
+    the field."""
+    group = parser.add_argument_group("engine")
+    for f in dataclasses.fields(EngineConfig):
+        default = "" if f.default is None else f" (default: {f.default})"
+        group.add_argument("--" + f.name.replace("_", "-"), type=_at_least(f.metadata["least"]),
+                           default=f.default, metavar="N", help=f.metadata["help"] + default)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+
+
+def _at_least(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+
+    return parse
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -15,7 +45,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     speak = args.output is not None
     omni = Omni.load(args.model, dtype=args.dtype, device=args.device, progress=not args.quiet,
-                     audio_output=speak, quantization=args.quantization)
+                     audio_output=speak, quantization=args.quantization,
+                     engine=engine_config(args))
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -88,7 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
                                "missing): pip install 'qomni[ray]'") from None
         return serve_replicas(args, server)
     omni = Omni.load(args.model, dtype=args.dtype, device=args.device,
-                     quantization=args.quantization)
+                     quantization=args.quantization, engine=engine_config(args))
     app = create_app(omni, **server)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qomni: serving {name!r} at http://{host}:{args.port}/v1 (OpenAI API: "
@@ -214,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu | cuda | cuda:N")
     g.add_argument("--quantization", help=QUANTIZATION_HELP)
     g.add_argument("--quiet", action="store_true", help="print only the answer")
+    add_engine_arguments(g)
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
@@ -252,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu | cuda | cuda:N")
     s.add_argument("--quantization", help=QUANTIZATION_HELP)
     s.add_argument("--log-level", default="info")
+    add_engine_arguments(s)
     r = s.add_argument_group("scaling out on Ray Serve (pip install 'qomni[ray]'; "
                              "docs/scaling.md)")
     r.add_argument("--replicas", type=int, metavar="N",

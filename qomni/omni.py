@@ -1,4 +1,4 @@
-"""The public entry point: `Omni.load(...)`, then `generate`, `stream`, `process`, `prompt_logits`."""
+"""The public entry point: `Omni.load(...)`, then `generate`, `stream`, `open_prefix`, `process`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import queue
-import re
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -17,74 +16,33 @@ import numpy as np
 import torch
 
 from qomni.config import OmniConfig
+from qomni.engine.config import EngineConfig
 from qomni.engine.engine import Engine
-from qomni.engine.generate import prefill
 from qomni.engine.loop import EngineLoop
+from qomni.engine.prefill import prefill
 from qomni.engine.request import Prefix, Request, new_speech
-from qomni.engine.speech import code_predictor_sampling, talker_sampling_defaults
+from qomni.engine.speech import (
+    DEFAULT_SPEAKER,
+    code_predictor_sampling,
+    talker_sampling_defaults,
+)
 from qomni.events import AudioChunk, Finished, GenerateOutput, TextDelta
-from qomni.models.omni import OmniModel
-from qomni.models.packed_linear import pack_linears
+from qomni.loading import load_model, resolve_model_path
+from qomni.models.model import OmniModel
 from qomni.multimodal.chat import StreamDecoder
 from qomni.multimodal.processor import ProcessedInputs, Processor
 from qomni.options import GenerateOptions
 from qomni.prefix import PromptPrefix, history_inputs, partial_turn_inputs
-from qomni.quant.plan import quantize_modules
 from qomni.sampling import GREEDY, Sampler, SamplingParams
-from qomni.weights import checkpoint_files, load_weights, meta_parameters
 
 Conversation = Sequence[Mapping[str, Any]]
-DEFAULT_SPEAKER = "Ethan"  # the reference's default voice
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_model_path(model: str | os.PathLike | None) -> Path:
-    """A checkpoint directory: a local path, a hub id already in the local Hugging Face cache,
-    or (None) the tiny random demo checkpoint, made on first use."""
-    if model is None:
-        from qomni.tiny import demo_checkpoint
-
-        return demo_checkpoint()
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if isinstance(model, str) and _HUB_ID.fullmatch(model):
-        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(
-            os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
-        snapshots = sorted((hub / f"models--{model.replace('/', '--')}" / "snapshots").glob("*"))
-        if snapshots:
-            return snapshots[-1]
-        raise FileNotFoundError(
-            f"{model!r} is not a local directory and is not in the Hugging Face cache at {hub}; "
-            f"download it first (e.g. `hf download {model}`) or pass its directory")
-    raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None: the GPU when there is one, else the CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None: bfloat16 on CUDA (the checkpoint's dtype), float32 on CPU (where bf16 single-token
-    matmuls are slower than fp32)."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 class Omni:
     def __init__(self, model: OmniModel, processor: Processor, path: Path,
-                 generation_config: dict[str, Any], **engine_options: Any):
+                 generation_config: dict[str, Any], engine: EngineConfig | None = None):
         self.model = model
-        self.engine_options = engine_options
+        self.engine_config = engine or EngineConfig()
         self._engine_loop: EngineLoop | None = None
         self._loop_lock = threading.Lock()
         self.config = model.cfg
@@ -100,36 +58,23 @@ class Omni:
     def load(cls, model: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
              device: str | torch.device | None = None, audio_output: bool | None = None,
              progress: bool = True, quantization: str | Mapping[str, str] | None = None,
-             **engine_options: Any) -> Omni:
-        """Load a checkpoint. `quantization`: "int4" or "int8" quantizes the decoder layers of
-        the thinker, talker and code predictor while loading; components can be set apart, as
-        in "int4,code_predictor=int8,lm_heads=int8" (qomni.quant.plan). Checkpoints stored
-        quantized (compressed-tensors) are read as they are, without it.
-        `engine_options` size the engine: max_num_seqs (8),
-        max_model_len (4096), max_talker_len, first_chunk_frames (1), chunk_frames (25),
-        audio_cache_windows (64 audio-encoder windows of 8 s kept, so a conversation's earlier
-        audio is not encoded again)."""
+             engine: EngineConfig | None = None) -> Omni:
+        """Load a checkpoint (a directory, a hub id in the local cache, or None for the tiny
+        demo). `quantization`: "int4" or "int8" quantizes the decoder layers of the thinker,
+        talker and code predictor while loading; components can be set apart, as in
+        "int4,code_predictor=int8,lm_heads=int8" (qomni.quant.plan). Checkpoints stored
+        quantized (compressed-tensors) are read as they are, without it. `engine` sizes the
+        engine (`EngineConfig`: rows, sequence lengths, audio chunks, ...); the defaults
+        otherwise."""
+        if engine is not None and not isinstance(engine, EngineConfig):
+            raise TypeError(f"engine must be an EngineConfig, got {type(engine).__name__}")
         path = resolve_model_path(model)
         cfg = OmniConfig.from_hf(path)
-        device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
-        if audio_output and not cfg.has_audio_output:
-            raise ValueError(f"{path} has no talker (a Thinking or Captioner checkpoint, "
-                             "enable_audio_output=false): it cannot produce speech")
-        if audio_output is None:
-            audio_output = cfg.has_audio_output
-        with meta_parameters():
-            net = OmniModel(cfg, audio_output)
-            quantized = quantize_modules(net, path, checkpoint_files(path), quantization, dtype,
-                                         device)
-        skip = [] if audio_output else ["talker.", "code2wav."]
-        load_weights(net, path, dtype=dtype, device=device, skip_prefixes=skip, progress=progress)
-        net.to(device).eval()
-        if device.type == "cpu" and dtype == torch.float32:
-            pack_linears(net)  # decode-sized matmuls read the weights 1.3-3x faster
+        net, quantized = load_model(path, cfg, dtype, device, audio_output, quantization,
+                                    progress)
         gen_file = path / "generation_config.json"
         gen_cfg = json.loads(gen_file.read_text()) if gen_file.exists() else {}
-        omni = cls(net, Processor(path, cfg), path, gen_cfg, **engine_options)
+        omni = cls(net, Processor(path, cfg), path, gen_cfg, engine or EngineConfig())
         omni.quantization = quantized
         return omni
 
@@ -249,7 +194,7 @@ class Omni:
             raise ValueError("replaces must come from Omni.open_prefix, "
                              f"got {type(replaces).__name__}")
         template = GenerateOptions.build(options, "open_prefix", **kwargs).template_kwargs()
-        limit = self._loop().engine.max_model_len
+        limit = self.engine_config.max_model_len
 
         def process(conv: Conversation, **kw: Any) -> ProcessedInputs:
             return self.processor(conv, **template, max_model_len=limit, **kw)
@@ -270,7 +215,7 @@ class Omni:
         speak, speaker_id = self._audio_request(opts.return_audio, opts.speaker)
         # Refused here, before its media are decoded, when the text alone is too long.
         inputs = self.processor(conv, **opts.template_kwargs(),
-                                max_model_len=self._loop().engine.max_model_len)
+                                max_model_len=self.engine_config.max_model_len)
         speech = None
         if speak:
             talker = _seeded(opts.talker_sampling
@@ -306,7 +251,7 @@ class Omni:
     def _loop(self) -> EngineLoop:
         with self._loop_lock:
             if self._engine_loop is None:
-                engine = Engine(self.model, self._stop_ids(), **self.engine_options)
+                engine = Engine(self.model, self._stop_ids(), self.engine_config)
                 self._engine_loop = EngineLoop(engine)
             return self._engine_loop
 

@@ -159,7 +159,7 @@ def random_state_dict(cfg: OmniConfig, seed: int, audible: bool = False
     """Random weights for every parameter of the full model, in checkpoint (per-expert) keys.
     `audible`: the vocoder's weights at the fan-in scale (torch's default init) instead of 0.02,
     at which its many layers shrink the output to ~1e-8, silence; its noise is then audible."""
-    from qomni.models.omni import OmniModel
+    from qomni.models.model import OmniModel
 
     torch.manual_seed(seed)
     model = OmniModel(cfg, audio_output=cfg.has_audio_output)

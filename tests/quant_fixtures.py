@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qomni.models.omni import OmniModel
+from qomni.models.model import OmniModel
 from qomni.tiny import TINY_CONFIG, make_tiny, save_sharded
 from qomni.weights import checkpoint_files, meta_parameters
 

@@ -73,3 +73,39 @@ def test_unknown_voice_is_a_clear_error(tiny_dir, tmp_path):
     out = run("generate", "--model", str(tiny_dir), "--prompt", "x", "--speaker", "Robot",
               "--output", str(tmp_path / "x.wav"), check=False)
     assert out.returncode == 2 and "available voices" in out.stderr
+
+
+def test_engine_flags_give_the_engine_config():
+    from qomni.cli import build_parser, engine_config
+    from qomni.engine.config import EngineConfig
+
+    parser = build_parser()
+    for command in ("serve", "generate"):
+        base = [command] + (["--prompt", "x"] if command == "generate" else [])
+        assert engine_config(parser.parse_args(base)) == EngineConfig()
+        args = parser.parse_args([*base, "--max-num-seqs", "3", "--max-model-len", "1024",
+                                  "--max-talker-len", "2000", "--first-chunk-frames", "2",
+                                  "--chunk-frames", "10", "--audio-cache-windows", "0"])
+        assert engine_config(args) == EngineConfig(
+            max_num_seqs=3, max_model_len=1024, max_talker_len=2000, first_chunk_frames=2,
+            chunk_frames=10, audio_cache_windows=0)
+    helped = run("serve", "--help").stdout
+    for flag in ("--max-num-seqs", "--max-model-len", "--max-talker-len", "--first-chunk-frames",
+                 "--chunk-frames", "--audio-cache-windows"):
+        assert flag in helped
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--max-num-seqs", "0"], "--max-num-seqs: must be >= 1"),
+    (["--max-model-len", "lots"], "--max-model-len: 'lots' is not an integer"),
+])
+def test_bad_engine_flags_are_clear_errors(flags, says):
+    out = run("serve", *flags, check=False)
+    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr
+
+
+def test_engine_settings_that_contradict_are_a_clear_error(tiny_dir):
+    out = run("generate", "--model", str(tiny_dir), "--prompt", "x", "--first-chunk-frames", "9",
+              "--chunk-frames", "4", check=False)
+    assert out.returncode == 2 and "first_chunk_frames" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from qomni import AudioChunk, Finished, Omni, SamplingParams, TextDelta
+from qomni import AudioChunk, EngineConfig, Finished, Omni, SamplingParams, TextDelta
 
 GREEDY_TALKER = SamplingParams(temperature=0, repetition_penalty=1.05)
 STORY = [{"role": "user", "content": "Tell me a story about a lighthouse keeper."}]
@@ -19,8 +19,9 @@ LONG = [{"role": "system", "content": "You are a helpful voice assistant."},
 @pytest.fixture(scope="module")
 def omni(hf_tiny):
     path, _ = hf_tiny("a")
-    return Omni.load(path, dtype="float32", device="cpu", progress=False, max_num_seqs=4,
-                     max_model_len=256, first_chunk_frames=2, chunk_frames=5)
+    return Omni.load(path, dtype="float32", device="cpu", progress=False,
+                     engine=EngineConfig(max_num_seqs=4, max_model_len=256, first_chunk_frames=2,
+                                         chunk_frames=5))
 
 
 def collect(events):
@@ -263,7 +264,7 @@ def test_prefixes_replaced_before_they_are_prefilled_hold_no_rows(omni):
     from qomni.engine.engine import Engine
     from qomni.engine.request import Prefix
 
-    engine = Engine(omni.model, omni._stop_ids(), max_num_seqs=3, max_model_len=256)
+    engine = Engine(omni.model, omni._stop_ids(), EngineConfig(max_num_seqs=3, max_model_len=256))
     history = [omni.process(HISTORY[:k], add_generation_prompt=False) for k in (1, 2, 3)]
 
     def prefilled(inputs, base=None):

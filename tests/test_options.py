@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from qomni import GenerateOptions, SamplingParams
+from qomni import EngineConfig, GenerateOptions, SamplingParams
 
 
 @pytest.mark.parametrize("bad, name", [
@@ -48,3 +48,23 @@ def test_build_overrides_and_rejects_unknown_names():
 def test_sampling_length_params_are_checked(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("bad, name", [
+    ({"max_num_seqs": 0}, "max_num_seqs"), ({"max_model_len": 8.5}, "max_model_len"),
+    ({"max_talker_len": 5}, "max_talker_len"), ({"chunk_frames": True}, "chunk_frames"),
+    ({"audio_cache_windows": -1}, "audio_cache_windows"),
+    ({"first_chunk_frames": 30, "chunk_frames": 25}, "first_chunk_frames"),
+])
+def test_bad_engine_settings_name_themselves(bad, name):
+    with pytest.raises(ValueError, match=name):
+        EngineConfig(**bad)
+
+
+def test_engine_defaults_and_the_derived_talker_length():
+    c = EngineConfig()
+    assert (c.max_num_seqs, c.max_model_len, c.first_chunk_frames, c.chunk_frames,
+            c.audio_cache_windows) == (8, 4096, 1, 25, 64)
+    assert c.talker_len == 4096 + 512 and EngineConfig(max_model_len=100).talker_len == 612
+    assert EngineConfig(max_talker_len=300).talker_len == 300
+    assert EngineConfig(audio_cache_windows=0).audio_cache_windows == 0

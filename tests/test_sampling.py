@@ -112,7 +112,9 @@ def test_penalties_through_the_engine_equal_a_step_by_step_decode(omni_tiny):
     penalised logits of the whole sequence so far, recomputed from scratch at every step."""
     import dataclasses
 
-    omni = omni_tiny("a", max_num_seqs=2)
+    from qomni import EngineConfig
+
+    omni = omni_tiny("a", engine=EngineConfig(max_num_seqs=2))
     conv = [{"role": "user", "content": "Say the same word again and again."}]
     # Negative: repeats are rewarded, so a random model's answer changes for sure.
     params = SamplingParams(temperature=0, frequency_penalty=-0.7, presence_penalty=-2.0)

@@ -39,10 +39,11 @@ def setup(hf_tiny, tmp_path_factory):
     return path, hf, omni
 
 
-def reference(path, hf, conv, *, speaker, text_tokens, frames):
-    """Run the reference; returns (generated ids, codes [16, T], full-decode waveform)."""
+def reference(path, hf, conv, *, speaker, text_tokens, frames, **template):
+    """Run the reference; returns (generated ids, codes [16, T], full-decode waveform).
+    `template`: apply_chat_template keywords (chat_template=, enable_thinking=, ...)."""
     proc = hf_processor(path)
-    text = proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+    text = proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=False, **template)
     audios = [p["audio"] for m in conv if isinstance(m["content"], list)
               for p in m["content"] if p["type"] == "audio"]
     images = [p["image"] for m in conv if isinstance(m["content"], list)
@@ -109,6 +110,34 @@ def test_each_voice_matches_reference(voice, setup):
     out = omni.generate(conv, max_new_tokens=5, speaker=voice, max_audio_frames=8,
                         talker_sampling=GREEDY_TALKER)
     assert torch.equal(out.codes, ref_codes)
+
+
+@pytest.mark.parametrize("header", ["no_newline", "closed_think"])
+def test_an_assistant_header_of_other_lengths_matches_reference(header, setup, monkeypatch):
+    """A generation prompt that does not end in `<|im_start|>assistant\\n`: the talker reads
+    the assistant segment's first three tokens as the header wherever they come from (the
+    generated text when it is shorter, the prompt's extra tokens when it is longer)."""
+    path, hf, omni = setup
+    conv = [{"role": "user", "content": "Hi"}]  # speech here depends on where tts_eos lands
+    if header == "no_newline":
+        template = omni.processor.template.replace("'<|im_start|>assistant\\n'",
+                                                   "'<|im_start|>assistant'")
+        assert template != omni.processor.template
+        monkeypatch.setattr(omni.processor, "template", template)
+        ref_kw, our_kw = {"chat_template": template}, {}
+    else:  # the template's enable_thinking=False: an empty think block after the header
+        ref_kw = {"enable_thinking": False}
+        our_kw = {"chat_template_kwargs": ref_kw}
+    ids = omni.process(conv, **ref_kw if header == "closed_think" else {}).input_ids
+    from qomni.engine.speech import assistant_header
+
+    assert assistant_header(ids, omni.config.tokens) != 3
+    ref_ids, ref_codes, _ = reference(path, hf, conv, speaker="Ethan", text_tokens=8, frames=14,
+                                      **ref_kw)
+    out = omni.generate(conv, max_new_tokens=8, max_audio_frames=14,
+                        talker_sampling=GREEDY_TALKER, **our_kw)
+    assert out.token_ids == ref_ids[: len(out.token_ids)]
+    assert out.codes.shape[1] > 9 and torch.equal(out.codes, ref_codes)
 
 
 def test_voices_change_the_speech(setup):

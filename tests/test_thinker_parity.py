@@ -81,7 +81,7 @@ def test_batch_equals_single_runs(name, omni_tiny):
 
 def test_batched_prefill_logits_equal_single(omni_tiny):
     """Right-padded rows see exactly their own tokens: last-position logits match single runs."""
-    from qomni.engine.generate import prefill
+    from qomni.engine.prefill import prefill
 
     omni = omni_tiny("a", audio_output=False)
     inputs = [omni.process(c) for c in CONVERSATIONS]

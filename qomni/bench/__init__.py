@@ -29,7 +29,7 @@ from qomni.bench.reference import bench_transformers
 from qomni.bench.report import compare
 from qomni.bench.setup import DEFAULT, Load, Settings, bench_checkpoint, model_summary
 from qomni.bench.stages import bench_qomni
-from qomni.omni import resolve_model_path
+from qomni.loading import resolve_model_path
 
 
 def _child(fn: Callable[..., dict[str, Any]], args: tuple, out: str) -> None:

@@ -38,8 +38,9 @@ from qomni.bench.setup import (
     random_codes,
 )
 from qomni.config import OmniConfig
+from qomni.loading import resolve_device, resolve_dtype
 from qomni.multimodal.processor import ProcessedInputs, Processor
-from qomni.omni import DEFAULT_SPEAKER, resolve_device, resolve_dtype
+from qomni.omni import DEFAULT_SPEAKER
 
 
 def _transformers() -> Any:

@@ -45,11 +45,12 @@ from qomni.bench.setup import (
     random_codes,
     spoken_turn,
 )
-from qomni.engine.generate import Prefill, prefill
+from qomni.engine.config import EngineConfig
+from qomni.engine.prefill import Prefill, prefill
 from qomni.engine.speech import build_talker_prompt, special_embeds
 from qomni.events import AudioChunk, TextDelta
 from qomni.models.code2wav_stream import StreamingCode2Wav
-from qomni.models.omni import OmniModel
+from qomni.models.model import OmniModel
 from qomni.models.rope import decode_positions
 from qomni.multimodal.processor import ProcessedInputs
 from qomni.omni import DEFAULT_SPEAKER, Omni
@@ -116,7 +117,7 @@ def _talker_stages(model: OmniModel, inputs: ProcessedInputs, pre: Prefill, toke
     talker, tcfg = model.talker, model.cfg.talker
     device = talker.codec_head.weight.device
     first = int(token)
-    prompt = build_talker_prompt(model, inputs, pre.embeds[0], pre.captured[0], first,
+    prompt = build_talker_prompt(model, inputs, pre.embeds[0], pre.captured[0], [first],
                                  tcfg.speaker(DEFAULT_SPEAKER))
     n = prompt.embeds.shape[0]
     cache = talker.new_cache(1, n + frames + 2)
@@ -249,8 +250,9 @@ def bench_qomni(path: str | Path, settings: Settings, load: Load) -> dict[str, A
     """Every qomni measurement on the checkpoint at `path` (in this process)."""
     load_s = time.perf_counter()
     omni = Omni.load(path, dtype=load.dtype, device=load.device, progress=False,
-                     quantization=load.quantization, max_num_seqs=max(settings.batches),
-                     max_model_len=2048, first_chunk_frames=FIRST_CHUNK, chunk_frames=CHUNK)
+                     quantization=load.quantization,
+                     engine=EngineConfig(max_num_seqs=max(settings.batches), max_model_len=2048,
+                                         first_chunk_frames=FIRST_CHUNK, chunk_frames=CHUNK))
     load_s = time.perf_counter() - load_s
     dev, model = omni.device, omni.model
     if not model.audio_output:

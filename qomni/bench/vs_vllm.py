@@ -98,12 +98,14 @@ def bench_qomni(path: str, dtype: str, workload: Workload) -> dict[str, Any]:
     """The workload through `Omni.generate`, thinker only (in this process)."""
     import torch
 
+    from qomni.engine.config import EngineConfig
     from qomni.omni import Omni
     from qomni.sampling import SamplingParams
 
     start = time.perf_counter()
     omni = Omni.load(path, dtype=dtype, device="cpu", audio_output=False, progress=False,
-                     max_num_seqs=max(workload.batches), max_model_len=MAX_MODEL_LEN)
+                     engine=EngineConfig(max_num_seqs=max(workload.batches),
+                                         max_model_len=MAX_MODEL_LEN))
     load_s = time.perf_counter() - start
     greedy = SamplingParams(temperature=0.0, ignore_eos=True)  # every request makes its tokens
     convs = conversations()

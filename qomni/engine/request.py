@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qomni.engine.prefill import Prompt
+from qomni.engine.speech import SpeechText
 from qomni.events import AudioChunk, Finished, TextDelta, Usage
 from qomni.models.code2wav_stream import StreamingCode2Wav
 from qomni.multimodal.chat import StreamDecoder
@@ -24,11 +26,12 @@ class SpeechState:
     sampler: Sampler  # codebook 0
     code_sampler: Sampler  # codebooks 1..G-1
     max_frames: int
-    row: int | None = None
     code0: torch.Tensor | None = None  # [] the frame's codebook-0 code, chosen, not yet expanded
     hidden: torch.Tensor | None = None  # [D] talker hidden that chose code0
     seen: torch.Tensor | None = None  # [V] codes generated so far (repetition penalty)
     rope_delta: float = 0.0
+    header: int = 0  # prompt tokens of the assistant segment the talker reads
+    tail: torch.Tensor | None = None  # [header - 4, D] of them, read as trailing text
     frames: int = 0
     done: bool = False
     pending: list[torch.Tensor] = field(default_factory=list)  # frames [G] not yet vocoded
@@ -54,6 +57,9 @@ class Prefix:
     base: Prefix | None = None
     continued: int = 0  # tokens kept from its base (0: prefilled whole)
 
+    def free(self) -> None:
+        self.embeds = self.captured = None
+
 
 @dataclass(eq=False)  # identity: requests hold tensors
 class Request:
@@ -63,11 +69,12 @@ class Request:
     decoder: StreamDecoder
     speech: SpeechState | None = None
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
-    row: int | None = None
+    row: int | None = None  # thinker cache row
+    talker_row: int | None = None
     tokens: list[int] = field(default_factory=list)  # generated, including a final stop token
     finish_reason: str | None = None  # set when the thinker stops
     finished: bool = False  # everything (text and speech) is done and the rows are free
-    embeds: torch.Tensor | None = None  # [S, Dt] prompt embeddings, kept for the talker prompt
+    prompt: Prompt | None = None  # embedded, while prefilled and until the talker prompt
     captured: torch.Tensor | None = None  # [S, Dt] hidden after accept_hidden_layer layers
     seen: torch.Tensor | None = None  # [V] tokens in the context (repetition penalty only)
     counts: torch.Tensor | None = None  # [V] float: how often each token was generated
@@ -87,6 +94,10 @@ class Request:
     def params(self) -> SamplingParams:
         """The thinker's sampling settings."""
         return self.sampler.params[0]
+
+    @property
+    def speaks(self) -> bool:
+        return self.speech is not None
 
     @property
     def thinker_done(self) -> bool:
@@ -140,16 +151,18 @@ class Request:
             self.events.append(TextDelta(self.text[self.sent:upto], self._pending_ids))
             self.sent, self._pending_ids = max(upto, self.sent), []
 
-    def speech_text(self) -> tuple[list[int], bool]:
+    def speech_text(self) -> SpeechText:
         """The tokens the talker may read so far, and whether that is all of them (the last
         one then ends the text and is never spoken, as the reference's stop token)."""
-        if self.speech_end is not None:
-            return self.tokens[: self.speech_end] + [-1], True
+        if self.speech_end is not None:  # -1 stands where a stop string begins
+            return SpeechText(self.tokens[: self.speech_end] + [-1], True, True, False)
         if self.thinker_done:
-            return self.tokens, True
+            eos = self.finish_reason == "stop"  # by a stop token: stop strings set speech_end
+            return SpeechText(self.tokens, True, eos, eos)
         if not (self.stop_strings or self.speech_stops):
-            return self.tokens, False
-        return self.tokens[: bisect_right(self._token_ends, self.sent)], False
+            return SpeechText(self.tokens, False, False, False)
+        return SpeechText(self.tokens[: bisect_right(self._token_ends, self.sent)], False,
+                          False, False)
 
     def emit_audio(self, pcm: torch.Tensor, sample_rate: int) -> None:
         if pcm.numel():

@@ -3,32 +3,53 @@
 Legend: B rows, S thinker prompt tokens, Dt thinker hidden, D talker hidden, P talker prompt
 tokens, G codebooks per frame, F frames, V talker codec vocabulary.
 
-The talker prompt follows the reference (notes §6, step 2): every user turn, token by token —
+The talker prompt follows the reference: every user turn, token by token —
 `hidden_projection` of the thinker's layer-`accept_hidden_layer` state at audio/image/video
-placeholders, `text_projection` of the token embedding elsewhere — then 9 assistant positions
-(`<|im_start|>assistant\\n`; tts_pad ×4 with nothink/think_bos/think_eos/speaker codes; tts_bos
-with codec_pad; the first generated token with codec_bos). Each later talker step adds the next
-generated token's projected embedding ("trailing text"), then tts_eos once the text ends, then
-tts_pad. Frame n's codebook-0 code comes from the talker; codebooks 1..G-1 from the code
-predictor, one step later — so F frames take F code-predictor passes and the EOS (or the cap)
-never becomes a frame.
+placeholders, `text_projection` of the token embedding elsewhere — then the 9 assistant
+positions. These read the assistant segment S: the prompt's tokens from its last
+`<|im_start|>assistant` on (the "header", `<|im_start|>assistant\\n` with the default template),
+then the generated tokens. S[0:3] (with no codec), tts_pad ×4 with nothink/think_bos/think_eos/
+speaker codes, tts_bos with codec_pad, S[3] with codec_bos. Each later talker step adds the next
+entry of S ("trailing text"), then tts_eos once the text ends, then tts_pad. Frame n's
+codebook-0 code comes from the talker; codebooks 1..G-1 from the code predictor, one step later
+— so F frames take F code-predictor passes and the EOS (or the cap) never becomes a frame.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
 
 import torch
 
 from qomni.config import OmniConfig, SpecialTokens
-from qomni.models.omni import OmniModel
+from qomni.models.model import OmniModel
 from qomni.multimodal.positions import rope_index
 from qomni.multimodal.processor import ProcessedInputs
 from qomni.sampling import SamplingParams
 
 # The reference's code-predictor sampling when the talker samples (fixed, not in any config).
 CODE_PREDICTOR_SAMPLING = SamplingParams(temperature=1.0, top_k=50, top_p=0.8)
+ASSISTANT_POSITIONS = 9  # the talker prompt after its user turns
+DEFAULT_SPEAKER = "Ethan"  # the reference's default voice
+
+
+class Trailing(Enum):
+    """Talker inputs once the text has run out: its end marker once, then padding."""
+
+    EOS = "tts_eos"
+    PAD = "tts_pad"
+
+
+class SpeechText(NamedTuple):
+    """The generated tokens the talker may read so far."""
+
+    tokens: list[int]
+    done: bool  # that is all of them; the last one is never embedded (as the reference's)
+    stopped: bool  # the last one is no text: a stop token, or where a stop string begins
+    eos: bool  # the last one is the thinker's stop token
 
 
 @dataclass
@@ -36,6 +57,8 @@ class TalkerPrompt:
     embeds: torch.Tensor  # [P, D]
     positions: torch.Tensor  # [3, P] float32
     rope_delta: float
+    header: int  # prompt tokens in the assistant segment S
+    tail: torch.Tensor  # [max(header - 4, 0), D] S[4:header] projected: trailing text
 
 
 def talker_sampling_defaults(generation_config: dict) -> SamplingParams:
@@ -47,11 +70,31 @@ def talker_sampling_defaults(generation_config: dict) -> SamplingParams:
                           repetition_penalty=float(g.get("talker_repetition_penalty", 1.05)))
 
 
+def assistant_header(ids: torch.Tensor, tok: SpecialTokens) -> int:
+    """How many of the prompt's tokens [S] the assistant segment S starts with: from its last
+    `<|im_start|>assistant` on."""
+    is_start = (ids[:-1] == tok.im_start) & (ids[1:] == tok.assistant)
+    if not bool(is_start.any()):
+        raise ValueError("the prompt has no `<|im_start|>assistant` turn for the talker to follow")
+    return ids.shape[0] - int(is_start.nonzero()[-1])
+
+
+def talker_prompt_ready(header: int, text: SpeechText) -> bool | None:
+    """Whether the talker prompt can be built (S[0:4] known): True; None: not yet; False: the
+    text ended with nothing to say."""
+    known = header + len(text.tokens)
+    if not text.done:
+        return True if known >= 4 else None
+    # S[3] may be the text's last token, unless that one is no text
+    return known > 4 or (known == 4 and not (header < 4 and text.stopped))
+
+
 def build_talker_prompt(model: OmniModel, x: ProcessedInputs, embeds: torch.Tensor,
-                        hidden: torch.Tensor, first_token: int, speaker_id: int) -> TalkerPrompt:
+                        hidden: torch.Tensor, generated: Sequence[int],
+                        speaker_id: int) -> TalkerPrompt:
     """embeds [S, Dt]: the thinker's input embeddings (media features in place);
-    hidden [S, Dt]: its hidden state after `accept_hidden_layer` layers; first_token: the first
-    generated token."""
+    hidden [S, Dt]: its hidden state after `accept_hidden_layer` layers; generated: the
+    generated tokens so far (`talker_prompt_ready`)."""
     cfg: OmniConfig = model.cfg
     tok, tcfg, talker = cfg.tokens, cfg.talker, model.talker
     ids = x.input_ids.to(embeds.device)
@@ -69,12 +112,14 @@ def build_talker_prompt(model: OmniModel, x: ProcessedInputs, embeds: torch.Tens
         part[user_media] = talker.hidden_projection(hidden[user][user_media])
     part[~user_media] = talker.text_projection(embeds[user][~user_media])
 
-    is_start = (ids[:-1] == tok.im_start) & (ids[1:] == tok.assistant)
-    if not bool(is_start.any()):
-        raise ValueError("the prompt has no `<|im_start|>assistant` turn for the talker to follow")
-    a = int(is_start.nonzero()[-1])
-    first = model.thinker.embed(torch.tensor([first_token], device=ids.device))
-    assistant = talker.text_projection(torch.cat([embeds[a: a + 3], first]))  # [4, D]
+    header = assistant_header(ids, tok)
+    a = s - header
+    rows = embeds[a: a + 4]  # S[0:4], completed by generated tokens for a short header
+    if rows.shape[0] < 4:
+        more = torch.tensor(list(generated[: 4 - rows.shape[0]]), device=ids.device)
+        rows = torch.cat([rows, model.thinker.embed(more)])
+    assistant = talker.text_projection(rows)  # [4, D]
+    tail = talker.text_projection(embeds[a + 4:])
     pad, bos = special_embeds(model, (tok.tts_pad, tok.tts_bos))
     text = torch.cat([assistant[:3], pad.expand(4, -1), bos[None], assistant[3:4]])
     codec_ids = torch.tensor([tcfg.codec_nothink_id, tcfg.codec_think_bos_id,
@@ -84,7 +129,8 @@ def build_talker_prompt(model: OmniModel, x: ProcessedInputs, embeds: torch.Tens
                        talker.embed(codec_ids)])
     prompt = torch.cat([part, text + codec])
 
-    talker_ids = torch.cat([user_ids, torch.full((9,), tok.tts_pad, device=ids.device)])
+    talker_ids = torch.cat([user_ids, torch.full((ASSISTANT_POSITIONS,), tok.tts_pad,
+                                                 device=ids.device)])
     has_media = x.media.audio_lengths is not None or x.media.image_grid_thw is not None \
         or x.media.video_grid_thw is not None
     if has_media:
@@ -94,14 +140,14 @@ def build_talker_prompt(model: OmniModel, x: ProcessedInputs, embeds: torch.Tens
         positions, delta = rope_index(
             pos_ids, tok, image_grids=_grids(x.media.image_grid_thw), video_grids=videos,
             video_second_per_grid=spg, audio_lengths=audios,
-            # The talker's config has no audio n_window (the reference's Q1 bug); it is the
+            # The talker's config has no audio n_window (a reference bug); it is the
             # thinker's, which is what the reference uses once patched.
             n_window=cfg.thinker.audio.n_window, merge_size=tcfg.spatial_merge_size,
             position_id_per_seconds=tcfg.position_id_per_seconds,
             use_audio_in_video=x.use_audio_in_video)
     else:
         positions, delta = torch.arange(prompt.shape[0]).float().expand(3, -1), 0.0
-    return TalkerPrompt(prompt, positions.to(prompt.device), delta)
+    return TalkerPrompt(prompt, positions.to(prompt.device), delta, header, tail)
 
 
 def talker_id_view(ids: list[int], tok: SpecialTokens, video_grids: list, spg: list,
@@ -148,20 +194,27 @@ def special_embeds(model: OmniModel, ids: Sequence[int]) -> list[torch.Tensor]:
     return list(model.talker.text_projection(e))
 
 
-def trailing_token(tokens: Sequence[int], text_done: bool, n: int) -> int | str | None:
-    """What talker step n (after frame n's code0) adds to its input, given the thinker's tokens
-    so far (including a final stop token once `text_done`): a token id, "eos", "pad", or None
-    when the thinker has not yet produced what is needed.
+def trailing_text(header: int, text: SpeechText, n: int) -> int | Trailing | None:
+    """What talker step n (after frame n's code0) adds to its input: an index i into the
+    assistant segment S (its `header` prompt tokens, then `text.tokens`) for S[i], tts_eos,
+    tts_pad, or None while the thinker has not produced what is needed.
 
-    The reference's trailing text is the generated tokens after the first, without the last
-    one (it is never embedded, EOS or not), then tts_eos, then tts_pad for ever."""
-    if not text_done:
-        # g_{n+1} exists and is not the last token (that one arrives with text_done set).
-        return tokens[n + 1] if len(tokens) > n + 1 else None
-    eos_at = max(len(tokens) - 2, 0)
-    if n < eos_at:
-        return tokens[n + 1]
-    return "eos" if n == eos_at else "pad"
+    As the reference: the entries S[4:] without S's last token (never embedded), then tts_eos,
+    then tts_pad; except that entry e becomes tts_eos and those after it tts_pad, e being the
+    number of generated tokens before the thinker's stop token (all of them when there is
+    none). With a 3-token header the entries end there anyway; with a longer one the
+    reference cuts the text that many tokens short, and so does this."""
+    g = len(text.tokens)
+    if not text.done:
+        # S[4 + n] exists and is not the last, and no stop token can come at or before n.
+        return 4 + n if n < g and 4 + n < header + g else None
+    entries = max(header + g - 5, 0) + 1
+    e = g - 1 if text.eos else g
+    if n >= entries or n > e:
+        return Trailing.PAD
+    if n == e or n == entries - 1:
+        return Trailing.EOS
+    return 4 + n
 
 
 def code_predictor_sampling(talker: SamplingParams) -> SamplingParams:

@@ -35,7 +35,8 @@ def build_app(model: str | None = None, *, replicas: int = 1,
               ) -> Application:
     """`replicas` engine replicas of `model` behind one ingress. `autoscaling`: Serve's
     autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...), instead of
-    a fixed count. `quantization`: Omni.load's ("int8" | "int4"). `engine_options`: Omni.load's (max_num_seqs, max_model_len, ...).
+    a fixed count. `quantization`: Omni.load's ("int8" | "int4"). `engine_options`:
+    EngineConfig's fields (max_num_seqs, max_model_len, ...).
     `server`: create_app's keywords (model_name, api_key, allow_remote_media, reasoning, ...;
     `limits` as a dict of Limits fields)."""
     if replicas < 1:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ray import serve
 
+from qomni.engine.config import EngineConfig
 from qomni.events import Finished
 from qomni.omni import Omni
 from qomni.prefix import PromptPrefix
@@ -33,7 +34,7 @@ class EngineReplica:
                  max_prefixes: int = 64):
         self.omni = Omni.load(model, dtype=dtype, device=device, audio_output=audio_output,
                               quantization=quantization, progress=False,
-                              **(engine_options or {}))
+                              engine=EngineConfig(**(engine_options or {})))
         ctx = serve.get_replica_context()
         self.id = ctx.replica_id.unique_id
         self.prefixes: OrderedDict[str, PromptPrefix] = OrderedDict()

@@ -5,6 +5,7 @@ local one, started here, without an address), until Ctrl-C; then in-flight reque
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import ray
 from ray import serve
 
+from qomni.cli import engine_config
 from qomni.serve_ray.app import build_app
 
 APP_NAME = "qomni"
@@ -33,7 +35,8 @@ def serve_replicas(args: argparse.Namespace, server: dict[str, Any]) -> int:
                        "target_ongoing_requests": args.target_ongoing_requests}
     app = build_app(args.model, replicas=args.replicas, autoscaling=autoscaling,
                     replica_gpus=gpus, replica_cpus=args.replica_cpus, dtype=args.dtype,
-                    device=args.device, quantization=args.quantization, server=server)
+                    device=args.device, quantization=args.quantization,
+                    engine_options=dataclasses.asdict(engine_config(args)), server=server)
     serve.start(http_options={"host": args.host, "port": args.port})
     try:
         serve.run(app, name=APP_NAME, route_prefix="/")

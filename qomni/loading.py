@@ -1,0 +1,89 @@
+"""Finding and loading a checkpoint: its directory, the device and dtype, and the network with
+its weights (what `Omni.load` does before it builds the processor and the engine)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qomni.config import OmniConfig
+from qomni.models.model import OmniModel
+from qomni.models.packed_linear import pack_linears
+from qomni.quant.plan import quantize_modules
+from qomni.weights import checkpoint_files, load_weights, meta_parameters
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    """A checkpoint directory: a local path, a hub id already in the local Hugging Face cache,
+    or (None) the tiny random demo checkpoint, made on first use."""
+    if model is None:
+        from qomni.tiny import demo_checkpoint
+
+        return demo_checkpoint()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if isinstance(model, str) and _HUB_ID.fullmatch(model):
+        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(
+            os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+        snapshots = sorted((hub / f"models--{model.replace('/', '--')}" / "snapshots").glob("*"))
+        if snapshots:
+            return snapshots[-1]
+        raise FileNotFoundError(
+            f"{model!r} is not a local directory and is not in the Hugging Face cache at {hub}; "
+            f"download it first (e.g. `hf download {model}`) or pass its directory")
+    raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None: the GPU when there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None: bfloat16 on CUDA (the checkpoint's dtype), float32 on CPU (where bf16 single-token
+    matmuls are slower than fp32)."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+
+def load_model(path: Path, cfg: OmniConfig, dtype: str | torch.dtype | None,
+               device: str | torch.device | None, audio_output: bool | None,
+               quantization: str | Mapping[str, str] | None, progress: bool
+               ) -> tuple[OmniModel, Any]:
+    """The network of the checkpoint at `path`, its weights read once into place, and what
+    was quantized (`quantize_modules`). audio_output None: speech when the checkpoint has a
+    talker."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if audio_output and not cfg.has_audio_output:
+        raise ValueError(f"{path} has no talker (a Thinking or Captioner checkpoint, "
+                         "enable_audio_output=false): it cannot produce speech")
+    if audio_output is None:
+        audio_output = cfg.has_audio_output
+    with meta_parameters():
+        net = OmniModel(cfg, audio_output)
+        quantized = quantize_modules(net, path, checkpoint_files(path), quantization, dtype,
+                                     device)
+    skip = [] if audio_output else ["talker.", "code2wav."]
+    load_weights(net, path, dtype=dtype, device=device, skip_prefixes=skip, progress=progress)
+    net.to(device).eval()
+    if device.type == "cpu" and dtype == torch.float32:
+        pack_linears(net)  # decode-sized matmuls read the weights 1.3-3x faster
+    return net, quantized
