@@ -226,6 +226,10 @@ def test_a_realtime_session_stays_on_its_replica(cluster):
     assert all(after[r]["requests"] == before[r]["requests"] for r in after if r != home)
     assert after[home]["requests"] - before[home]["requests"] == 3
     assert cached[-1] > 0  # the prefix prefilled on that replica was continued
+    deadline = time.monotonic() + 30
+    while cluster.replicas()[home]["prefixes"]:  # every prefix taken over or closed
+        assert time.monotonic() < deadline, "the session left prefixes on its replica"
+        time.sleep(0.2)
 
 
 def _find_actor(replica: str):

@@ -56,13 +56,6 @@ class RemotePrefix:
     def __len__(self) -> int:
         return self.length
 
-    @property
-    def ready(self) -> bool:
-        """Blocking: ask its replica (call from a worker thread, not the event loop)."""
-        with _mapped_errors():
-            return self.client._handle(self.replica).prefix_ready.remote(
-                self.pid, home=self.replica).result()
-
     def close(self) -> None:
         """Free its cache row; does not wait for the replica."""
         self.client._handle(self.replica).close_prefix.remote(self.pid, home=self.replica)

@@ -103,11 +103,6 @@ class EngineReplica:
             self.prefixes.popitem(last=False)[1].close()
         return self.id, pid, len(prefix)
 
-    async def prefix_ready(self, pid: str, home: str | None = None) -> bool:
-        self._at_home(home)
-        prefix = self.prefixes.get(pid)
-        return prefix is not None and prefix.ready
-
     async def close_prefix(self, pid: str, home: str | None = None) -> None:
         if home and home != self.id:
             return  # its replica is gone, and its row with it
