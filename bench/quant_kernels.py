@@ -9,9 +9,10 @@ interleaved in one process, one pass of every method per round, and the best rou
     PYTHONPATH=. python bench/quant_kernels.py --shapes 2048x6144 --rows 1 8 --threads 2
 
 Methods: fp32 and bf16 dense (torch's matmul and oneDNN on a pre-packed weight), int8 per
-channel (torch._weight_int8pack_mm), int4 groups of 32/128 (torch._weight_int4pack_mm_for_cpu),
-FP8 e4m3 weights dequantized per call, and torchao's int4/int8 weight-only tensors when torchao
-is importable (on CPU its int4 tensor calls the same aten kernel).
+channel (torch._weight_int8pack_mm), int4 in groups of 32/64/128
+(torch._weight_int4pack_mm_for_cpu), all with bf16 activations, and torchao's weight-only tensors
+when torchao is importable. `--slow` adds the int kernels with fp32/fp16 activations and FP8
+weights widened per call (both far slower). Results: docs/quantization.md.
 """
 
 from __future__ import annotations

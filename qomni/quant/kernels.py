@@ -14,7 +14,7 @@ compressed-tensors convention). `int_matmul` packs it once into a kernel's layou
   rank-1 term); in groups: one kernel call per group, summed (slower, exact).
 - FP8 e4m3 weights (`Fp8Matmul`): widened once to bf16 (exact), scales on the outputs.
 
-Every quantized matmul takes and returns bf16 (ACT_DTYPE); callers cast around it. Speeds are in
+Every quantized matmul computes in bf16 (ACT_DTYPE); callers cast its output back. Speeds are in
 docs/quantization.md (bench/quant_kernels.py). The CUDA branches follow PyTorch's ops but are
 NOT validated in this repository's tests (no GPU here).
 """
@@ -137,7 +137,7 @@ class Int4Matmul:
 
 
 class Int8Matmul:
-    """x [N, K] -> bf16 [N, O] on an int8 weight: per channel in one kernel call, in groups as
+    """x [N, K] -> [N, O] (bf16; fp32 in groups) on an int8 weight: per channel in one kernel call, in groups as
     one call per group; asymmetric zero points as a correction term."""
 
     def __init__(self, weight: IntWeight, device: torch.device):
@@ -166,9 +166,10 @@ class Int8Matmul:
             y = self._mm(x.contiguous(), 0)
         else:
             parts = x.view(x.shape[0], self.groups, -1)
-            y = sum(self._mm(parts[:, g].contiguous(), g) for g in range(self.groups))
+            # groups summed in fp32: bf16 partial sums would add a rounding per group
+            y = sum(self._mm(parts[:, g].contiguous(), g).float() for g in range(self.groups))
         if self.zs is not None:
-            y = y - x.view(x.shape[0], self.groups, -1).sum(-1) @ self.zs
+            y = y - (x.view(x.shape[0], self.groups, -1).sum(-1) @ self.zs).to(y.dtype)
         return y
 
 

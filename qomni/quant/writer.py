@@ -17,6 +17,7 @@ import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
@@ -27,17 +28,19 @@ from qomni.weights import INDEX_FILE, checkpoint_files
 
 SCHEMES = {"w4a16": 4, "w8a16": 8}
 # Linear modules outside the quantized components, as compressed-tensors "re:" patterns.
-_ALWAYS_IGNORED = ["re:^thinker\\.audio_tower\\.", "re:^thinker\\.visual\\.",
+ALWAYS_IGNORED = ["re:^thinker\\.audio_tower\\.", "re:^thinker\\.visual\\.",
                    "re:.*\\.mlp\\.gate$", "re:.*\\.mlp\\.shared_expert_gate$",
                    "thinker.lm_head", "talker.codec_head",
                    "re:^talker\\.code_predictor\\.lm_head\\.",
                    "re:^talker\\.(text|hidden)_projection\\.", "re:^code2wav\\."]
-_COMPONENT_PATTERN = {"thinker": "re:^thinker\\.model\\.layers\\.",
+COMPONENT_PATTERN = {"thinker": "re:^thinker\\.model\\.layers\\.",
                       "talker": "re:^talker\\.model\\.layers\\.",
                       "code_predictor": "re:^talker\\.code_predictor\\.model\\.layers\\."}
 
 
-def _library():
+def library() -> SimpleNamespace:
+    """The compressed-tensors pieces the writers use (imported on demand: it imports
+    transformers, ~10 s)."""
     try:
         from compressed_tensors.compressors import BaseCompressor, ModelCompressor
         from compressed_tensors.quantization import (
@@ -47,10 +50,13 @@ def _library():
         )
         from compressed_tensors.quantization.utils import calculate_qparams
     except ImportError as e:
-        raise RuntimeError("`qomni quantize` needs the compressed-tensors library: "
-                           f"pip install 'qomni[quant]' ({e})") from None
-    return (BaseCompressor, ModelCompressor, QuantizationArgs, QuantizationConfig,
-            QuantizationScheme, calculate_qparams)
+        raise RuntimeError("writing compressed-tensors checkpoints needs the compressed-tensors "
+                           f"library: pip install 'qomni[quant]' ({e})") from None
+    return SimpleNamespace(BaseCompressor=BaseCompressor, ModelCompressor=ModelCompressor,
+                           QuantizationArgs=QuantizationArgs,
+                           QuantizationConfig=QuantizationConfig,
+                           QuantizationScheme=QuantizationScheme,
+                           calculate_qparams=calculate_qparams)
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "w4a16",
@@ -58,8 +64,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "w4a16",
                         symmetric: bool = True, progress: bool = True) -> Path:
     """Write `src` quantized to `dst`. `group_size`: None = 128 for w4a16, per channel for
     w8a16; 0 = per channel. `keep`: components left in full precision."""
-    (BaseCompressor, ModelCompressor, QuantizationArgs, QuantizationConfig, QuantizationScheme,
-     calculate_qparams) = _library()
+    lib = library()
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     keep = set(keep)
@@ -76,11 +81,11 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "w4a16",
         raise ValueError("DST must differ from SRC")
     files = checkpoint_files(src)
     components = [c for c in DEFAULT_COMPONENTS if c not in keep]
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+    args = lib.QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
                             strategy="group" if group_size else "channel",
                             group_size=group_size or None)
-    qscheme = QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
-    compressor = BaseCompressor.get_value_from_registry("pack-quantized")
+    qscheme = lib.QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
+    compressor = lib.BaseCompressor.get_value_from_registry("pack-quantized")
 
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():  # config, tokenizer, templates, ...
@@ -106,7 +111,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "w4a16",
                         undivided.append(module)
                     else:
                         out.update({f"{module}.{k}": v for k, v in _compress(
-                            tensor, args, qscheme, compressor, calculate_qparams).items()})
+                            tensor, args, qscheme, compressor, lib.calculate_qparams).items()})
                         continue
                 out[key] = tensor.contiguous()
         save_file(out, str(dst / file.name), metadata={"format": "pt"})
@@ -117,10 +122,10 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "w4a16",
         (dst / INDEX_FILE).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
             indent=2) + "\n")
-    ignore = _ALWAYS_IGNORED + [_COMPONENT_PATTERN[c] for c in sorted(keep)] + undivided
-    config = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=ignore,
-                                quantization_status="compressed", format="pack-quantized")
-    ModelCompressor(quantization_config=config).update_config(str(dst))
+    ignore = ALWAYS_IGNORED + [COMPONENT_PATTERN[c] for c in sorted(keep)] + undivided
+    config = lib.QuantizationConfig(config_groups={"group_0": qscheme}, ignore=ignore,
+                                    quantization_status="compressed", format="pack-quantized")
+    lib.ModelCompressor(quantization_config=config).update_config(str(dst))
     return dst
 
 
