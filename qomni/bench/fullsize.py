@@ -80,7 +80,7 @@ def full_size_checkpoint(quantization: str, config: dict[str, Any] | None = None
 
 def build_quantized(dest: Path, config: dict[str, Any], bits: dict[str, int], seed: int,
                     shard_bytes: int = SHARD_BYTES) -> None:
-    from qomni.models.omni import OmniModel
+    from qomni.models.model import OmniModel
     from qomni.weights import meta_parameters
 
     dest.mkdir(parents=True, exist_ok=True)
