@@ -28,7 +28,10 @@ class Experts(nn.Module):
         t, k = experts.shape
         flat = experts.reshape(-1)
         order = flat.argsort(stable=True)  # group the (token, expert) pairs by expert
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        # Counted by a scatter, not bincount: on CUDA bincount reads its maximum back to the
+        # host, which a CUDA graph cannot capture. The counts are the same.
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
         offsets = counts.cumsum(0).to(torch.int32)
         xs = x[order // k]
         gate, up = F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, -1)

@@ -1,0 +1,288 @@
+"""The static (CUDA-graph-ready) decode steps give what the eager engine gives: the thinker's
+logits and greedy tokens, the talker's codes, the vocoder's samples, at batch sizes padded to
+a bucket, with rows in any order and rows at different lengths. On the CPU the static steps run
+uncaptured: the same code a CUDA graph records."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qomni import Omni, SamplingParams
+from qomni.engine.engine import Engine, sample_rows
+from qomni.engine.graphs import KEY_BLOCK, bucket_for, key_bucket
+from qomni.engine.loop import EngineLoop
+from qomni.engine.speech import trailing_token
+from qomni.engine.static_steps import StaticDecoder
+from qomni.engine.static_vocoder import StaticVocoder
+from qomni.models.code2wav import Code2Wav
+from qomni.models.code2wav_stream import StreamingCode2Wav, push_together
+from qomni.models.rope import decode_positions
+
+GREEDY_TALKER = SamplingParams(temperature=0, repetition_penalty=1.05)
+CONVS = [[{"role": "user", "content": "Tell me a story about a lighthouse keeper."}],
+         [{"role": "user", "content": "Hi"}],
+         [{"role": "system", "content": "You are a helpful voice assistant."},
+          {"role": "user", "content": "Explain how tides work, in detail, with examples."}],
+         [{"role": "user", "content": "Count to ten."}],
+         [{"role": "user", "content": "What is the capital of France?"}]]
+
+
+def test_buckets():
+    assert [bucket_for(n) for n in (1, 2, 3, 5, 8, 9, 33)] == [1, 2, 4, 8, 8, 16, 48]
+    with pytest.raises(ValueError, match="at least one row"):
+        bucket_for(0)
+    with pytest.raises(ValueError, match="largest batch bucket"):
+        bucket_for(10_000)
+    assert key_bucket(1, 4097) == KEY_BLOCK and key_bucket(KEY_BLOCK + 1, 4097) == 2 * KEY_BLOCK
+    assert key_bucket(4096, 4097) == 4096 and key_bucket(100, 101) == 101
+    with pytest.raises(ValueError, match="capacity of 4096"):
+        key_bucket(4097, 4097)
+
+
+def test_thinker_steps_equal_eager_decode(omni_tiny):
+    """Three prompts in rows 3, 0, 2 of a 4-row cache (a bucket of 4 with one padding row),
+    then two of them, then one: every step's logits and greedy tokens equal the eager call the
+    engine makes, and so do the caches."""
+    omni = omni_tiny("a")
+    thinker = omni.model.thinker
+    prompts = [omni.process(c) for c in CONVS[:3]]
+    rows = [3, 0, 2]
+    with torch.inference_mode():
+        eager = thinker.model.new_cache(4, 128)
+        for row, x in zip(rows, prompts):
+            embeds, _, _ = thinker.embed_inputs(x.input_ids, None)
+            thinker(embeds[None], x.positions[:, None], eager.rows([row]))
+        static = thinker.model.new_cache(4, 128)
+        static.k.copy_(eager.k), static.v.copy_(eager.v), static.lengths.copy_(eager.lengths)
+    decoder = StaticDecoder(thinker, static)
+    last = {row: int(x.input_ids[-1]) for row, x in zip(rows, prompts)}
+    delta = {row: x.rope_delta for row, x in zip(rows, prompts)}
+    for steps, active in ((5, rows), (3, rows[1:]), (2, rows[2:])):
+        for _ in range(steps):
+            with torch.inference_mode():
+                view = eager.rows(active)
+                pos = decode_positions(view.lengths, torch.tensor([delta[r] for r in active]))
+                tokens = torch.tensor([last[r] for r in active])[:, None]
+                hidden, _ = thinker(thinker.embed(tokens), pos, view,
+                                    torch.ones(len(active), dtype=torch.long))
+                want = thinker.logits(hidden[:, 0])
+            longest = int(eager.lengths[active].max())
+            step = decoder.decode(active, [last[r] for r in active],
+                                  [delta[r] for r in active], longest)
+            got = step.logits[: len(active)]
+            assert (got - want).abs().max() <= 1e-5
+            assert step.next_tokens[: len(active)].tolist() == want.argmax(-1).tolist()
+            for r, t in zip(active, want.argmax(-1).tolist()):
+                last[r] = t
+        assert torch.equal(static.lengths, eager.lengths)
+        n = int(eager.lengths.max())
+        assert (static.k[..., :n, :] - eager.k[..., :n, :]).abs().max() <= 1e-5
+
+
+class StaticEngine(Engine):
+    """The engine with its thinker decode, talker frames and later vocoder chunks through the
+    static steps (greedy code predictor)."""
+
+    def __init__(self, model, stop_ids, **kw):
+        super().__init__(model, stop_ids, **kw)
+        self.static = StaticDecoder(model.thinker, self.cache, model.talker, self.talker_cache)
+        self.vocoder = StaticVocoder(model.code2wav, len(self.free_talker_rows))
+        self.calls = {"decode": [], "talk": [], "vocode": []}
+
+    def _decode(self):
+        reqs = [r for r in self.running if r.tokens and not r.thinker_done]
+        if not reqs:
+            return
+        longest = max(len(r.inputs) + len(r.tokens) for r in reqs)
+        self.calls["decode"].append(len(reqs))
+        step = self.static.decode([r.row for r in reqs], [r.tokens[-1] for r in reqs],
+                                  [r.inputs.rope_delta for r in reqs], longest)
+        self._accept(reqs, step.logits[: len(reqs)])
+
+    def _talk(self):
+        new = [r for r in self.running if r.speech and r.speech.hidden is None
+               and not r.speech.done and r.speech_text()[0]]
+        for req in new:
+            tokens, done = req.speech_text()
+            if done and len(tokens) == 1 and (req.finish_reason == "stop"
+                                              or req.speech_end is not None):
+                req.speech.done = True
+            else:
+                self._talker_prefill(req)
+        ready = []
+        for req in self.running:
+            sp = req.speech
+            if sp is None or sp.done or sp.hidden is None or req in new:
+                continue
+            text = trailing_token(*req.speech_text(), sp.frames)
+            if text is not None:
+                ready.append((req, text))
+        if not ready:
+            return
+        # rows that go on after this frame first: the static step takes them as its first m
+        ready.sort(key=lambda rt: rt[0].speech.frames + 1 >= rt[0].speech.max_frames)
+        reqs = [r for r, _ in ready]
+        go = [r for r in reqs if r.speech.frames + 1 < r.speech.max_frames]
+        d = self.cfg.talker.text.hidden_size
+        text = (torch.stack([self._text_embed(t) for _, t in ready[: len(go)]]) if go
+                else torch.zeros(0, d))
+        self.calls["talk"].append(len(reqs))
+        step = self.static.talk(torch.stack([r.speech.hidden for r in reqs]),
+                                torch.stack([r.speech.code0 for r in reqs]), text,
+                                [r.speech.row for r in go], [r.speech.rope_delta for r in go],
+                                self.talker_cache.max_len)
+        codes = step.codes[: len(reqs)].clone()
+        for i, req in enumerate(reqs):
+            sp = req.speech
+            sp.pending.append(codes[i])
+            sp.codes.append(codes[i])
+            sp.frames += 1
+            sp.seen[sp.code0] = True
+            sp.done = sp.frames >= sp.max_frames
+        if not go:
+            return
+        logits = step.logits[: len(go)].clone()
+        eos = self.cfg.talker.codec_eos_token_id
+        code0 = sample_rows(logits, [r.speech.sampler for r in go], [r.speech.seen for r in go])
+        for i, req in enumerate(go):
+            req.speech.hidden, req.speech.code0 = step.next_hidden[i].clone(), code0[i]
+            req.speech.done = int(code0[i]) == eos
+
+    def _vocode(self):
+        first, later = {}, {}
+        for req in self.running:
+            sp = req.speech
+            if sp is None or not sp.pending:
+                continue
+            if sp.vocoder is None:
+                sp.vocoder, sp.vframes = StreamingCode2Wav(self.model.code2wav), 0
+            done = sp.vframes
+            need = self.first_chunk if done == 0 else min(self.chunk, max(self.first_chunk, done))
+            if len(sp.pending) >= need or sp.done:
+                (first if done == 0 else later).setdefault(len(sp.pending), []).append(req)
+        rate = self.cfg.code2wav.sample_rate
+        for reqs in first.values():
+            codes = torch.stack([torch.stack(r.speech.pending, dim=1) for r in reqs])
+            pcms = push_together([r.speech.vocoder for r in reqs], codes)
+            for req, pcm in zip(reqs, pcms):
+                self.vocoder.start(req.speech.row, req.speech.vocoder.state)
+                self._emit(req, pcm, rate)
+        for reqs in later.values():
+            codes = torch.stack([torch.stack(r.speech.pending, dim=1) for r in reqs])
+            self.calls["vocode"].append(len(reqs))
+            pcms = self.vocoder.push([r.speech.row for r in reqs], codes)
+            for req, pcm in zip(reqs, pcms):
+                self._emit(req, pcm.clone(), rate)
+
+    @staticmethod
+    def _emit(req, pcm, rate):
+        req.speech.vframes += len(req.speech.pending)
+        req.speech.pending.clear()
+        req.emit_audio(pcm, rate)
+
+
+@pytest.fixture(scope="module")
+def engines(hf_tiny):
+    path, _ = hf_tiny("a")
+    opts = {"max_num_seqs": 6, "max_model_len": 256, "first_chunk_frames": 2,
+            "chunk_frames": 5}
+    eager = Omni.load(path, dtype="float32", device="cpu", progress=False, **opts)
+    static = Omni(eager.model, eager.processor, eager.path, eager.generation_config, **opts)
+    static._engine_loop = EngineLoop(StaticEngine(eager.model, eager._stop_ids(), **opts))
+    return eager, static
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_static_engine_equals_generate(engines, n):
+    """n requests with speech (bucket 4 or 8: padding rows), lengths and frame caps apart, so
+    rows leave the batch at different steps: the same tokens and codes, and the same audio."""
+    eager, static = engines
+    kw = [{"max_new_tokens": 6 + 3 * i, "max_audio_frames": 9 + 4 * i, "speaker": s,
+           "talker_sampling": GREEDY_TALKER}
+          for i, s in zip(range(n), ["Ethan", "Chelsie", "Aiden", "Ethan", "Aiden"])]
+    want = [eager.generate(c, **k) for c, k in zip(CONVS[:n], kw)]
+    streams = [static.stream(c, **k) for c, k in zip(CONVS[:n], kw)]
+    firsts = [next(s) for s in streams]  # all admitted before any finishes
+    outs = [list(s) for s in streams]
+    engine = static._engine_loop.engine
+    assert max(engine.calls["decode"]) == n and min(engine.calls["decode"]) < n
+    assert engine.calls["talk"] and engine.calls["vocode"]
+    for first, rest, ref in zip(firsts, outs, want):
+        events = [first, *rest]
+        ids = [t for e in events if hasattr(e, "token_ids") for t in e.token_ids]
+        audio = np.concatenate([e.pcm for e in events if hasattr(e, "pcm")])
+        assert ids == ref.token_ids
+        assert events[-1].usage.audio_frames == ref.codes.shape[1]
+        assert audio.shape == ref.audio.shape
+        assert np.abs(audio - ref.audio).max() <= 1e-5 * max(1.0, np.abs(ref.audio).max())
+    got = static.generate(CONVS[:n], max_new_tokens=7, max_audio_frames=10,
+                          talker_sampling=GREEDY_TALKER)
+    ref = eager.generate(CONVS[:n], max_new_tokens=7, max_audio_frames=10,
+                         talker_sampling=GREEDY_TALKER)
+    for g, r in zip(got, ref):
+        assert g.token_ids == r.token_ids and torch.equal(g.codes, r.codes)
+
+
+def _audible(model: Code2Wav) -> Code2Wav:
+    """Weights at their modules' initial scale (test_code2wav's): the tiny checkpoint's vocoder
+    is near silent."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (nn.Linear, nn.Conv1d, nn.ConvTranspose1d, nn.Embedding,
+                                nn.LayerNorm)):
+                mod.reset_parameters()
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("alpha", "beta"):  # SnakeBeta, log space
+                p.normal_(0.0, 0.5)
+            elif leaf in ("gamma", "scale"):
+                p.uniform_(0.2, 1.0)
+            elif "norm" in name and leaf == "weight":
+                p.normal_(1.0, 0.1)
+        model.decoder[-1].conv.weight.mul_(0.25)  # keep most samples inside the clamp
+    return model
+
+
+def test_vocoder_chunks_equal_the_stream(omni_tiny):
+    """Streams in rows 2, 0, 3 of a 4-row pool, each started by an eager first chunk, then
+    static chunks: together (a padded bucket), at different frames (past the 71-frame window
+    for one), alone: every sample equals the eager stream's."""
+    cfg = omni_tiny("a").config.code2wav
+    model = _audible(Code2Wav(cfg).eval())
+    g = cfg.num_quantizers
+    codes = torch.randint(0, cfg.codebook_size, (3, g, 120), generator=torch.Generator()
+                          .manual_seed(1))
+    refs = [StreamingCode2Wav(model) for _ in range(3)]
+    firsts = [1, 3, 2]  # frames in each stream's first chunk
+    want = [[r.push(codes[i, :, :f])] for i, (r, f) in enumerate(zip(refs, firsts))]
+    static = StaticVocoder(model, 4)
+    rows = [2, 0, 3]
+    for row, ref in zip(rows, refs):
+        static.start(row, ref.state)
+    got = [[w[0]] for w in want]
+    at = list(firsts)
+    plan = [([0, 1, 2], 4), ([0, 2], 25), ([0, 2], 25), ([1], 7), ([0, 1, 2], 5),
+            ([0], 30), ([2, 1], 1)]
+    for members, n in plan:
+        chunk = torch.stack([codes[i, :, at[i]: at[i] + n] for i in members])
+        pcms = static.push([rows[i] for i in members], chunk)
+        for i, pcm in zip(members, pcms):
+            want[i].append(refs[i].push(codes[i, :, at[i]: at[i] + n]))
+            got[i].append(pcm.clone())
+            at[i] += n
+    assert at[0] > cfg.sliding_window
+    for w, gt in zip(want, got):
+        w, gt = torch.cat(w), torch.cat(gt)
+        assert w.shape == gt.shape and w.abs().max() > 0.05
+        assert (w - gt).abs().max() <= 1e-5
+
+
+def test_vocoder_start_errors(omni_tiny):
+    model = Code2Wav(omni_tiny("a").config.code2wav).eval()
+    static = StaticVocoder(model, 2)
+    with pytest.raises(ValueError, match="after its first chunk"):
+        static.start(0, StreamingCode2Wav(model).state)
+    with pytest.raises(ValueError, match="not in 0..1"):
+        static.start(2, StreamingCode2Wav(model).state)
