@@ -16,13 +16,24 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     the field."""
     group = parser.add_argument_group("engine")
     for f in dataclasses.fields(EngineConfig):
+        if f.metadata.get("switch"):  # None / True / False
+            group.add_argument("--" + f.name.replace("_", "-"), choices=list(_SWITCH),
+                               default="auto", help=f.metadata["help"])
+            continue
         default = "" if f.default is None else f" (default: {f.default})"
         group.add_argument("--" + f.name.replace("_", "-"), type=_at_least(f.metadata["least"]),
                            default=f.default, metavar="N", help=f.metadata["help"] + default)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+    for f in dataclasses.fields(EngineConfig):
+        if f.metadata.get("switch"):
+            values[f.name] = _SWITCH[values[f.name]]
+    return EngineConfig(**values)
+
+
+_SWITCH = {"auto": None, "on": True, "off": False}
 
 
 def _at_least(least: int) -> Callable[[str], int]:
@@ -46,7 +57,7 @@ def _generate(args: argparse.Namespace) -> int:
     speak = args.output is not None
     omni = Omni.load(args.model, dtype=args.dtype, device=args.device, progress=not args.quiet,
                      audio_output=speak, quantization=args.quantization,
-                     engine=engine_config(args))
+                     engine=engine_config(args), stage_devices=args.stage_devices)
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -112,6 +123,9 @@ def _serve(args: argparse.Namespace) -> int:
               "allowed_origins": args.allowed_origins.split(",") if args.allowed_origins
               else None, "special_tokens_in_text": args.allow_special_tokens_in_text}
     if args.replicas is not None:
+        if args.stage_devices:
+            raise ValueError("--stage-devices places one engine's stages; it does not go with "
+                             "--replicas")
         try:
             from qomni.serve_ray.run import serve_replicas
         except ImportError as e:
@@ -119,7 +133,8 @@ def _serve(args: argparse.Namespace) -> int:
                                "missing): pip install 'qomni[ray]'") from None
         return serve_replicas(args, server)
     omni = Omni.load(args.model, dtype=args.dtype, device=args.device,
-                     quantization=args.quantization, engine=engine_config(args))
+                     quantization=args.quantization, engine=engine_config(args),
+                     stage_devices=args.stage_devices)
     app = create_app(omni, **server)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qomni: serving {name!r} at http://{host}:{args.port}/v1 (OpenAI API: "
@@ -213,6 +228,9 @@ QUANTIZATION_HELP = ("quantize weights while loading: int4 | int8 (the thinker, 
                      "predictor decoder layers), with overrides, e.g. "
                      "int4,code_predictor=int8,lm_heads=int8; checkpoints stored quantized need "
                      "no flag")
+STAGE_DEVICES_HELP = ("put stages on their own devices, e.g. thinker=cuda:0,talker=cuda:1 (the "
+                      "talker, code predictor and code2wav on the second GPU); stages not named "
+                      "run on --device")
 
 
 def _bench_vs_vllm(args: argparse.Namespace) -> int:
@@ -260,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, "
                    "fp32 on CPU)")
     g.add_argument("--device", help="cpu | cuda | cuda:N")
+    g.add_argument("--stage-devices", metavar="SPEC", help=STAGE_DEVICES_HELP)
     g.add_argument("--quantization", help=QUANTIZATION_HELP)
     g.add_argument("--quiet", action="store_true", help="print only the answer")
     add_engine_arguments(g)
@@ -299,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Thinking checkpoint)")
     s.add_argument("--dtype", help="float32 | bfloat16 | float16")
     s.add_argument("--device", help="cpu | cuda | cuda:N")
+    s.add_argument("--stage-devices", metavar="SPEC", help=STAGE_DEVICES_HELP)
     s.add_argument("--quantization", help=QUANTIZATION_HELP)
     s.add_argument("--log-level", default="info")
     add_engine_arguments(s)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from qomni.config import OmniConfig
+from qomni.engine.placement import parse_stage_devices, stage_of
 from qomni.models.model import OmniModel
 from qomni.models.packed_linear import pack_linears
 from qomni.quant.plan import quantize_modules
@@ -65,25 +66,35 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load_model(path: Path, cfg: OmniConfig, dtype: str | torch.dtype | None,
                device: str | torch.device | None, audio_output: bool | None,
-               quantization: str | Mapping[str, str] | None, progress: bool
+               quantization: str | Mapping[str, str] | None, progress: bool,
+               stage_devices: str | Mapping[str, str] | None = None
                ) -> tuple[OmniModel, Any]:
     """The network of the checkpoint at `path`, its weights read once into place, and what
     was quantized (`quantize_modules`). audio_output None: speech when the checkpoint has a
-    talker."""
+    talker. `stage_devices` ("thinker=cuda:0,talker=cuda:1"): each stage on its own device
+    (qomni.engine.placement); the others on `device`."""
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    devices = parse_stage_devices(stage_devices, device)
+    dtype = resolve_dtype(dtype, devices["thinker"])
     if audio_output and not cfg.has_audio_output:
         raise ValueError(f"{path} has no talker (a Thinking or Captioner checkpoint, "
                          "enable_audio_output=false): it cannot produce speech")
     if audio_output is None:
         audio_output = cfg.has_audio_output
+
+    def device_of(name: str) -> torch.device:
+        return devices[stage_of(name)]
+
     with meta_parameters():
         net = OmniModel(cfg, audio_output)
         quantized = quantize_modules(net, path, checkpoint_files(path), quantization, dtype,
-                                     device)
+                                     device_of)
     skip = [] if audio_output else ["talker.", "code2wav."]
-    load_weights(net, path, dtype=dtype, device=device, skip_prefixes=skip, progress=progress)
-    net.to(device).eval()
-    if device.type == "cpu" and dtype == torch.float32:
-        pack_linears(net)  # decode-sized matmuls read the weights 1.3-3x faster
+    load_weights(net, path, dtype=dtype, device=device_of, skip_prefixes=skip,
+                 progress=progress)
+    for name, stage in net.named_children():  # buffers too
+        stage.to(device_of(name))
+    net.eval()
+    if dtype == torch.float32:
+        pack_linears(net)  # CPU: decode-sized matmuls read the weights 1.3-3x faster
     return net, quantized

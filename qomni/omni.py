@@ -58,20 +58,22 @@ class Omni:
     def load(cls, model: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
              device: str | torch.device | None = None, audio_output: bool | None = None,
              progress: bool = True, quantization: str | Mapping[str, str] | None = None,
-             engine: EngineConfig | None = None) -> Omni:
+             engine: EngineConfig | None = None,
+             stage_devices: str | Mapping[str, str] | None = None) -> Omni:
         """Load a checkpoint (a directory, a hub id in the local cache, or None for the tiny
         demo). `quantization`: "int4" or "int8" quantizes the decoder layers of the thinker,
         talker and code predictor while loading; components can be set apart, as in
         "int4,code_predictor=int8,lm_heads=int8" (qomni.quant.plan). Checkpoints stored
         quantized (compressed-tensors) are read as they are, without it. `engine` sizes the
-        engine (`EngineConfig`: rows, sequence lengths, audio chunks, ...); the defaults
-        otherwise."""
+        engine (`EngineConfig`: rows, sequence lengths, audio chunks, CUDA graphs, ...); the
+        defaults otherwise. `stage_devices` ("thinker=cuda:0,talker=cuda:1") puts the talker,
+        code predictor and code2wav on a device of their own."""
         if engine is not None and not isinstance(engine, EngineConfig):
             raise TypeError(f"engine must be an EngineConfig, got {type(engine).__name__}")
         path = resolve_model_path(model)
         cfg = OmniConfig.from_hf(path)
         net, quantized = load_model(path, cfg, dtype, device, audio_output, quantization,
-                                    progress)
+                                    progress, stage_devices)
         gen_file = path / "generation_config.json"
         gen_cfg = json.loads(gen_file.read_text()) if gen_file.exists() else {}
         omni = cls(net, Processor(path, cfg), path, gen_cfg, engine or EngineConfig())
@@ -225,7 +227,7 @@ class Omni:
                 frames = max(1, int(self.generation_config.get("talker_max_new_tokens",
                                                                4096)) - 1)
             speech = new_speech(speaker_id, talker, code_predictor_sampling(talker), frames,
-                                self.device)
+                                self.model.talker.model.norm.weight.device)
         params = _seeded(opts.sampling or GREEDY, opts.seed)
         return Request(inputs, Sampler([params], self.device), opts.max_new_tokens,
                        StreamDecoder(self.tokenizer), speech, stop_strings=opts.stop,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -88,12 +88,14 @@ def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def load_weights(model: nn.Module, path: str | Path, *, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", skip_prefixes: Iterable[str] = (),
-                 progress: bool = True) -> None:
-    """Fill `model`'s (meta) parameters from the checkpoint at `path`.
+                 device: torch.device | str | Callable[[str], torch.device] = "cpu",
+                 skip_prefixes: Iterable[str] = (), progress: bool = True) -> None:
+    """Fill `model`'s (meta) parameters from the checkpoint at `path`, on `device` (or, when
+    it is a function, on device(key) for each checkpoint key: stages on several devices).
 
     Keys under `skip_prefixes` (e.g. "talker." when speech output is off) are ignored."""
     path = Path(path)
+    device_of = device if callable(device) else lambda key: device
     files = checkpoint_files(path)
     skip = tuple(skip_prefixes)
     params = dict(model.named_parameters())
@@ -131,7 +133,7 @@ def load_weights(model: nn.Module, path: str | Path, *, dtype: torch.dtype,
                 m = EXPERT_KEY.match(key)
                 if m:
                     _fill_expert(m, tensor, expected, stacked, expert_parts, unused, errors,
-                                 dtype, device)
+                                 dtype, device_of(key))
                     continue
                 if key not in expected:
                     unused.append(key)
@@ -140,7 +142,7 @@ def load_weights(model: nn.Module, path: str | Path, *, dtype: torch.dtype,
                     errors.append(f"{key}: checkpoint shape {tuple(tensor.shape)}, "
                                   f"model expects {tuple(expected[key])}")
                     continue
-                _set_param(model, key, _convert(tensor, dtype, device))
+                _set_param(model, key, _convert(tensor, dtype, device_of(key)))
                 filled.add(key)
     bar.close()
 

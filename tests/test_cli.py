@@ -85,19 +85,23 @@ def test_engine_flags_give_the_engine_config():
         assert engine_config(parser.parse_args(base)) == EngineConfig()
         args = parser.parse_args([*base, "--max-num-seqs", "3", "--max-model-len", "1024",
                                   "--max-talker-len", "2000", "--first-chunk-frames", "2",
-                                  "--chunk-frames", "10", "--audio-cache-windows", "0"])
+                                  "--chunk-frames", "10", "--audio-cache-windows", "0",
+                                  "--cuda-graphs", "on"])
         assert engine_config(args) == EngineConfig(
             max_num_seqs=3, max_model_len=1024, max_talker_len=2000, first_chunk_frames=2,
-            chunk_frames=10, audio_cache_windows=0)
+            chunk_frames=10, audio_cache_windows=0, cuda_graphs=True)
+        off = parser.parse_args([*base, "--cuda-graphs", "off"])
+        assert engine_config(off).cuda_graphs is False
     helped = run("serve", "--help").stdout
     for flag in ("--max-num-seqs", "--max-model-len", "--max-talker-len", "--first-chunk-frames",
-                 "--chunk-frames", "--audio-cache-windows"):
+                 "--chunk-frames", "--audio-cache-windows", "--cuda-graphs", "--stage-devices"):
         assert flag in helped
 
 
 @pytest.mark.parametrize("flags, says", [
     (["--max-num-seqs", "0"], "--max-num-seqs: must be >= 1"),
     (["--max-model-len", "lots"], "--max-model-len: 'lots' is not an integer"),
+    (["--cuda-graphs", "maybe"], "--cuda-graphs: invalid choice: 'maybe'"),
 ])
 def test_bad_engine_flags_are_clear_errors(flags, says):
     out = run("serve", *flags, check=False)
@@ -108,4 +112,13 @@ def test_engine_settings_that_contradict_are_a_clear_error(tiny_dir):
     out = run("generate", "--model", str(tiny_dir), "--prompt", "x", "--first-chunk-frames", "9",
               "--chunk-frames", "4", check=False)
     assert out.returncode == 2 and "first_chunk_frames" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_stage_devices_flag(tiny_dir):
+    run("generate", "--model", str(tiny_dir), "--prompt", "Hi", "--max-new-tokens", "3",
+        "--stage-devices", "thinker=cpu,talker=cpu", "--cuda-graphs", "on", "--quiet")
+    out = run("generate", "--model", str(tiny_dir), "--prompt", "x", "--stage-devices",
+              "talker=cuda:9", check=False)
+    assert out.returncode == 2 and "device 'cuda:9'" in out.stderr
     assert "Traceback" not in out.stderr

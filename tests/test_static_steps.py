@@ -9,14 +9,12 @@ import torch
 from torch import nn
 
 from qomni import Omni, SamplingParams
-from qomni.engine.engine import Engine, sample_rows
+from qomni.engine.config import EngineConfig
 from qomni.engine.graphs import KEY_BLOCK, bucket_for, key_bucket
-from qomni.engine.loop import EngineLoop
-from qomni.engine.speech import trailing_token
-from qomni.engine.static_steps import StaticDecoder
+from qomni.engine.static_steps import StaticThinker
 from qomni.engine.static_vocoder import StaticVocoder
 from qomni.models.code2wav import Code2Wav
-from qomni.models.code2wav_stream import StreamingCode2Wav, push_together
+from qomni.models.code2wav_stream import StreamingCode2Wav
 from qomni.models.rope import decode_positions
 
 GREEDY_TALKER = SamplingParams(temperature=0, repetition_penalty=1.05)
@@ -55,7 +53,7 @@ def test_thinker_steps_equal_eager_decode(omni_tiny):
             thinker(embeds[None], x.positions[:, None], eager.rows([row]))
         static = thinker.model.new_cache(4, 128)
         static.k.copy_(eager.k), static.v.copy_(eager.v), static.lengths.copy_(eager.lengths)
-    decoder = StaticDecoder(thinker, static)
+    decoder = StaticThinker(thinker, static)
     last = {row: int(x.input_ids[-1]) for row, x in zip(rows, prompts)}
     delta = {row: x.rope_delta for row, x in zip(rows, prompts)}
     for steps, active in ((5, rows), (3, rows[1:]), (2, rows[2:])):
@@ -80,117 +78,29 @@ def test_thinker_steps_equal_eager_decode(omni_tiny):
         assert (static.k[..., :n, :] - eager.k[..., :n, :]).abs().max() <= 1e-5
 
 
-class StaticEngine(Engine):
-    """The engine with its thinker decode, talker frames and later vocoder chunks through the
-    static steps (greedy code predictor)."""
-
-    def __init__(self, model, stop_ids, **kw):
-        super().__init__(model, stop_ids, **kw)
-        self.static = StaticDecoder(model.thinker, self.cache, model.talker, self.talker_cache)
-        self.vocoder = StaticVocoder(model.code2wav, len(self.free_talker_rows))
-        self.calls = {"decode": [], "talk": [], "vocode": []}
-
-    def _decode(self):
-        reqs = [r for r in self.running if r.tokens and not r.thinker_done]
-        if not reqs:
-            return
-        longest = max(len(r.inputs) + len(r.tokens) for r in reqs)
-        self.calls["decode"].append(len(reqs))
-        step = self.static.decode([r.row for r in reqs], [r.tokens[-1] for r in reqs],
-                                  [r.inputs.rope_delta for r in reqs], longest)
-        self._accept(reqs, step.logits[: len(reqs)])
-
-    def _talk(self):
-        new = [r for r in self.running if r.speech and r.speech.hidden is None
-               and not r.speech.done and r.speech_text()[0]]
-        for req in new:
-            tokens, done = req.speech_text()
-            if done and len(tokens) == 1 and (req.finish_reason == "stop"
-                                              or req.speech_end is not None):
-                req.speech.done = True
-            else:
-                self._talker_prefill(req)
-        ready = []
-        for req in self.running:
-            sp = req.speech
-            if sp is None or sp.done or sp.hidden is None or req in new:
-                continue
-            text = trailing_token(*req.speech_text(), sp.frames)
-            if text is not None:
-                ready.append((req, text))
-        if not ready:
-            return
-        # rows that go on after this frame first: the static step takes them as its first m
-        ready.sort(key=lambda rt: rt[0].speech.frames + 1 >= rt[0].speech.max_frames)
-        reqs = [r for r, _ in ready]
-        go = [r for r in reqs if r.speech.frames + 1 < r.speech.max_frames]
-        d = self.cfg.talker.text.hidden_size
-        text = (torch.stack([self._text_embed(t) for _, t in ready[: len(go)]]) if go
-                else torch.zeros(0, d))
-        self.calls["talk"].append(len(reqs))
-        step = self.static.talk(torch.stack([r.speech.hidden for r in reqs]),
-                                torch.stack([r.speech.code0 for r in reqs]), text,
-                                [r.speech.row for r in go], [r.speech.rope_delta for r in go],
-                                self.talker_cache.max_len)
-        codes = step.codes[: len(reqs)].clone()
-        for i, req in enumerate(reqs):
-            sp = req.speech
-            sp.pending.append(codes[i])
-            sp.codes.append(codes[i])
-            sp.frames += 1
-            sp.seen[sp.code0] = True
-            sp.done = sp.frames >= sp.max_frames
-        if not go:
-            return
-        logits = step.logits[: len(go)].clone()
-        eos = self.cfg.talker.codec_eos_token_id
-        code0 = sample_rows(logits, [r.speech.sampler for r in go], [r.speech.seen for r in go])
-        for i, req in enumerate(go):
-            req.speech.hidden, req.speech.code0 = step.next_hidden[i].clone(), code0[i]
-            req.speech.done = int(code0[i]) == eos
-
-    def _vocode(self):
-        first, later = {}, {}
-        for req in self.running:
-            sp = req.speech
-            if sp is None or not sp.pending:
-                continue
-            if sp.vocoder is None:
-                sp.vocoder, sp.vframes = StreamingCode2Wav(self.model.code2wav), 0
-            done = sp.vframes
-            need = self.first_chunk if done == 0 else min(self.chunk, max(self.first_chunk, done))
-            if len(sp.pending) >= need or sp.done:
-                (first if done == 0 else later).setdefault(len(sp.pending), []).append(req)
-        rate = self.cfg.code2wav.sample_rate
-        for reqs in first.values():
-            codes = torch.stack([torch.stack(r.speech.pending, dim=1) for r in reqs])
-            pcms = push_together([r.speech.vocoder for r in reqs], codes)
-            for req, pcm in zip(reqs, pcms):
-                self.vocoder.start(req.speech.row, req.speech.vocoder.state)
-                self._emit(req, pcm, rate)
-        for reqs in later.values():
-            codes = torch.stack([torch.stack(r.speech.pending, dim=1) for r in reqs])
-            self.calls["vocode"].append(len(reqs))
-            pcms = self.vocoder.push([r.speech.row for r in reqs], codes)
-            for req, pcm in zip(reqs, pcms):
-                self._emit(req, pcm.clone(), rate)
-
-    @staticmethod
-    def _emit(req, pcm, rate):
-        req.speech.vframes += len(req.speech.pending)
-        req.speech.pending.clear()
-        req.emit_audio(pcm, rate)
-
-
 @pytest.fixture(scope="module")
 def engines(hf_tiny):
+    """The same weights with the eager engine and with the static steps (cuda_graphs=True: on
+    the CPU they run uncaptured)."""
     path, _ = hf_tiny("a")
     opts = {"max_num_seqs": 6, "max_model_len": 256, "first_chunk_frames": 2,
             "chunk_frames": 5}
-    eager = Omni.load(path, dtype="float32", device="cpu", progress=False, **opts)
-    static = Omni(eager.model, eager.processor, eager.path, eager.generation_config, **opts)
-    static._engine_loop = EngineLoop(StaticEngine(eager.model, eager._stop_ids(), **opts))
+    eager = Omni.load(path, dtype="float32", device="cpu", progress=False,
+                      engine=EngineConfig(**opts, cuda_graphs=False))
+    static = Omni(eager.model, eager.processor, eager.path, eager.generation_config,
+                  EngineConfig(**opts, cuda_graphs=True))
     return eager, static
+
+
+def _spy(obj, name, log):
+    method = getattr(obj, name)
+
+    def call(*args, **kwargs):
+        out = method(*args, **kwargs)
+        log.append(len(args[0]))
+        return out
+
+    setattr(obj, name, call)
 
 
 @pytest.mark.parametrize("n", [3, 5])
@@ -198,6 +108,12 @@ def test_static_engine_equals_generate(engines, n):
     """n requests with speech (bucket 4 or 8: padding rows), lengths and frame caps apart, so
     rows leave the batch at different steps: the same tokens and codes, and the same audio."""
     eager, static = engines
+    runner = static._loop().engine.runner
+    assert runner.static is not None and runner.talker_static is not None
+    calls = {"decode": [], "talk": [], "vocode": []}
+    _spy(runner.static, "decode", calls["decode"])
+    _spy(runner.talker_static, "talk", calls["talk"])
+    _spy(runner.vocoder, "push", calls["vocode"])
     kw = [{"max_new_tokens": 6 + 3 * i, "max_audio_frames": 9 + 4 * i, "speaker": s,
            "talker_sampling": GREEDY_TALKER}
           for i, s in zip(range(n), ["Ethan", "Chelsie", "Aiden", "Ethan", "Aiden"])]
@@ -205,9 +121,8 @@ def test_static_engine_equals_generate(engines, n):
     streams = [static.stream(c, **k) for c, k in zip(CONVS[:n], kw)]
     firsts = [next(s) for s in streams]  # all admitted before any finishes
     outs = [list(s) for s in streams]
-    engine = static._engine_loop.engine
-    assert max(engine.calls["decode"]) == n and min(engine.calls["decode"]) < n
-    assert engine.calls["talk"] and engine.calls["vocode"]
+    assert max(calls["decode"]) == n and min(calls["decode"]) < n
+    assert calls["talk"] and calls["vocode"]
     for first, rest, ref in zip(firsts, outs, want):
         events = [first, *rest]
         ids = [t for e in events if hasattr(e, "token_ids") for t in e.token_ids]
@@ -222,6 +137,20 @@ def test_static_engine_equals_generate(engines, n):
                          talker_sampling=GREEDY_TALKER)
     for g, r in zip(got, ref):
         assert g.token_ids == r.token_ids and torch.equal(g.codes, r.codes)
+
+
+def test_sampled_speech_and_text_only_fall_back_where_they_must(engines):
+    """A sampling talker (the checkpoint's defaults) takes the eager code predictor; the
+    thinker still decodes through the static step; seeded runs equal the eager engine's."""
+    eager, static = engines
+    kw = {"max_new_tokens": 6, "max_audio_frames": 6, "seed": 3,
+          "sampling": SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.1)}
+    for conv in CONVS[:2]:
+        a, b = eager.generate(conv, **kw), static.generate(conv, **kw)
+        assert a.token_ids == b.token_ids and torch.equal(a.codes, b.codes)
+        a = eager.generate(conv, max_new_tokens=5, return_audio=False)
+        b = static.generate(conv, max_new_tokens=5, return_audio=False)
+        assert a.token_ids == b.token_ids and b.audio is None
 
 
 def _audible(model: Code2Wav) -> Code2Wav:

@@ -32,10 +32,20 @@ class EngineConfig:
     audio_cache_windows: int = _setting(
         64, "audio-encoder windows (8 s) kept encoded, so a conversation's earlier audio is not "
         "encoded again at every turn (0: no cache)", least=0)
+    cuda_graphs: bool | None = field(default=None, metadata={"help": (
+        "decode steps (thinker token, talker frame with the code predictor, vocoder chunk) on "
+        "static buffers per batch bucket, captured as CUDA graphs: auto (default) on a CUDA "
+        "device unless a stage cannot be captured (quantized MoE experts); on (on the CPU the "
+        "static steps run uncaptured); off"), "switch": True})
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.metadata.get("switch"):
+                if value is not None and not isinstance(value, bool):
+                    raise ValueError(f"{f.name} must be True, False or None (auto), "
+                                     f"got {value!r}")
+                continue
             if value is None and f.default is None:
                 continue
             integer = isinstance(value, int) and not isinstance(value, bool)

@@ -227,12 +227,15 @@ class Engine:
         if not ready:
             return
         reqs = [r for r, _ in ready]
-        hidden = torch.stack([r.speech.hidden for r in reqs])
-        code0 = torch.stack([r.speech.code0 for r in reqs])
+        go = [i for i, r in enumerate(reqs) if r.speech.frames + 1 < r.speech.max_frames]
         samplers = [r.speech.code_sampler for r in reqs]
-        codes, codec_next = self.runner.finish_frames(
-            hidden, code0, lambda logits: sample_rows(logits, samplers, [None] * len(samplers)))
-        go = []
+        greedy = all(s.all_greedy and not s.uses_penalty for s in samplers)
+        text = torch.stack([self._trailing_embed(*ready[i]) for i in go]) if go else None
+        code0 = torch.stack([r.speech.code0 for r in reqs])
+        codes, hidden, logits = self.runner.speak(
+            torch.stack([r.speech.hidden for r in reqs]), code0, greedy,
+            lambda logits: sample_rows(logits, samplers, [None] * len(samplers)), go,
+            [reqs[i].talker_row for i in go], text, [reqs[i].speech.rope_delta for i in go])
         for i, req in enumerate(reqs):
             sp = req.speech
             sp.pending.append(codes[i])
@@ -241,16 +244,8 @@ class Engine:
             sp.seen[code0[i]] = True
             if sp.frames >= sp.max_frames:
                 sp.done = True
-            else:
-                go.append(i)
-        if not go:
-            return
-        text = torch.stack([self._trailing_embed(*ready[i]) for i in go])
-        step_reqs = [reqs[i] for i in go]
-        hidden = self.runner.talker_step([r.talker_row for r in step_reqs],
-                                         codec_next[go] + text,
-                                         [r.speech.rope_delta for r in step_reqs])
-        self._choose_code0(step_reqs, hidden)
+        if go:
+            self._choose_code0([reqs[i] for i in go], hidden, logits)
 
     def _talker_prefill(self, req: Request) -> None:
         sp = req.speech
@@ -259,11 +254,14 @@ class Engine:
         req.prompt = req.captured = None
         sp.rope_delta, sp.tail = prompt.rope_delta, prompt.tail
         sp.seen = torch.zeros(self.cfg.talker.text.vocab_size, dtype=torch.bool,
-                              device=self.device)
-        self._choose_code0([req], self.runner.talker_prefill(req.talker_row, prompt))
+                              device=self.runner.talker_device)
+        hidden = self.runner.talker_prefill(req.talker_row, prompt)
+        self._choose_code0([req], hidden, self.runner.code0_logits(hidden))
 
-    def _choose_code0(self, reqs: list[Request], hidden: torch.Tensor) -> None:
-        logits = self.runner.code0_logits(hidden)
+    def _choose_code0(self, reqs: list[Request], hidden: torch.Tensor,
+                      logits: torch.Tensor) -> None:
+        """Sample codebook 0 of each request's next frame from logits [n, V] (of hidden
+        [n, D])."""
         eos = self.cfg.talker.codec_eos_token_id
         params = [r.speech.sampler.params[0] for r in reqs]
         early = [i for i, (r, p) in enumerate(zip(reqs, params))
@@ -299,7 +297,7 @@ class Engine:
             if sp is None or not sp.pending:
                 continue
             if sp.vocoder is None:
-                sp.vocoder = self.runner.new_vocoder()
+                sp.vocoder = self.runner.new_vocoder(req.talker_row)
             done = sp.vocoder.frames
             need = first if done == 0 else min(most, max(first, done))
             if len(sp.pending) >= need or sp.done:

@@ -11,6 +11,7 @@ import torch
 
 from qomni.engine.prefill import Prompt
 from qomni.engine.speech import SpeechText
+from qomni.engine.static_vocoder import PooledStream
 from qomni.events import AudioChunk, Finished, TextDelta, Usage
 from qomni.models.code2wav_stream import StreamingCode2Wav
 from qomni.multimodal.chat import StreamDecoder
@@ -35,7 +36,7 @@ class SpeechState:
     frames: int = 0
     done: bool = False
     pending: list[torch.Tensor] = field(default_factory=list)  # frames [G] not yet vocoded
-    vocoder: StreamingCode2Wav | None = None
+    vocoder: StreamingCode2Wav | PooledStream | None = None  # the runner's kind
     codes: list[torch.Tensor] = field(default_factory=list)
 
 

@@ -6,7 +6,10 @@ Legend: R rows (max_num_seqs), n rows in a call, S tokens, Dt thinker hidden, D 
 G codebooks, V vocabulary.
 
 Every call takes host lists (rows, tokens, position offsets) and builds its tensors here, so the
-step shapes are decided in one place (fixed-size decode batches for CUDA graphs go here).
+step shapes are decided in one place. With `cuda_graphs` the decode calls go through the static
+steps (static_steps.py, static_vocoder.py): batch buckets, captured as CUDA graphs on a CUDA
+device. The talker stage may run on its own device (placement.py): the thinker states it reads
+are handed over here.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from qomni.engine.config import EngineConfig
+from qomni.engine.graphs import capture_blockers
 from qomni.engine.prefill import Prompt, embed_prompt, pack
 from qomni.engine.speech import TalkerPrompt, Trailing, build_talker_prompt, special_embeds
+from qomni.engine.static_steps import StaticTalker, StaticThinker
+from qomni.engine.static_vocoder import PooledStream, StaticVocoder
 from qomni.models.code2wav_stream import StreamingCode2Wav, push_together
 from qomni.models.model import OmniModel
 from qomni.models.rope import decode_positions
@@ -44,12 +50,26 @@ class ModelRunner:
         # A conversation's audio is embedded once, not again at every turn and every prefix.
         model.thinker.audio_tower.cache_windows(config.audio_cache_windows)
         self.cache = model.thinker.model.new_cache(config.max_num_seqs, config.max_model_len)
+        self.lengths = [0] * config.max_num_seqs  # each row's cached tokens, known on the host
+        capture = graph_mode(config.cuda_graphs, self.device, capture_blockers(model.thinker))
+        self.static = None if capture is None else StaticThinker(model.thinker, self.cache,
+                                                                 capture)
+        self.vocoder: StaticVocoder | None = None
         if model.audio_output:
+            self.talker_device = model.talker.model.norm.weight.device
             self.talker_cache = model.talker.new_cache(config.max_num_seqs, config.talker_len)
+            self.talker_lengths = [0] * config.max_num_seqs
             tok = self.cfg.tokens
             with torch.inference_mode():
                 self.trailing = dict(zip((Trailing.PAD, Trailing.EOS),
                                          special_embeds(model, (tok.tts_pad, tok.tts_eos))))
+            capture = graph_mode(config.cuda_graphs, self.talker_device,
+                                 capture_blockers(model.talker))
+            if capture is not None:
+                self.talker_static = StaticTalker(model.talker, self.talker_cache, capture)
+                self.vocoder = StaticVocoder(model.code2wav, config.max_num_seqs, capture)
+            else:
+                self.talker_static = None
 
     # -- thinker --------------------------------------------------------------------------------
 
@@ -70,6 +90,8 @@ class ModelRunner:
         capture = self.cfg.talker.accept_hidden_layer if any(c.capture for c in chunks) else None
         hidden, captured = thinker(batch.embeds, batch.positions, self.cache.rows(rows),
                                    batch.n_new, batch.deepstack, capture)
+        for c in chunks:
+            self.lengths[c.row] = c.end
         last = hidden[torch.arange(len(chunks), device=self.device), batch.n_new - 1]
         kept = [captured[i, : c.end - c.start] if c.capture else None
                 for i, c in enumerate(chunks)]
@@ -82,7 +104,13 @@ class ModelRunner:
     def decode(self, rows: Sequence[int], tokens: Sequence[int],
                rope_deltas: Sequence[float]) -> torch.Tensor:
         """One thinker step for each row, whose last generated token is `tokens[i]`: logits
-        [n, V]."""
+        [n, V] (with the static steps: a view valid until the next decode)."""
+        for r in rows:
+            self.lengths[r] += 1
+        if self.static is not None:
+            longest = max(self.lengths[r] for r in rows)
+            step = self.static.decode(rows, tokens, rope_deltas, longest)
+            return step.logits[: len(rows)]
         thinker = self.model.thinker
         view = self.cache.rows(list(rows))
         pos = decode_positions(view.lengths, torch.tensor(rope_deltas, device=self.device))
@@ -95,50 +123,93 @@ class ModelRunner:
     def talker_prompt(self, inputs: ProcessedInputs, embeds: torch.Tensor,
                       captured: torch.Tensor, generated: Sequence[int],
                       speaker_id: int) -> TalkerPrompt:
-        """The talker prompt of a request (`speech.build_talker_prompt`)."""
-        return build_talker_prompt(self.model, inputs, embeds, captured, generated, speaker_id)
+        """The talker prompt of a request (`speech.build_talker_prompt`), from the thinker's
+        states handed over to the talker's device."""
+        return build_talker_prompt(self.model, inputs, self.to_talker(embeds),
+                                   self.to_talker(captured), generated, speaker_id)
+
+    def to_talker(self, x: torch.Tensor) -> torch.Tensor:
+        """A thinker-side tensor on the talker's device (the stage hand-off)."""
+        return x.to(self.talker_device)
 
     def talker_prefill(self, row: int, prompt: TalkerPrompt) -> torch.Tensor:
         """Prefill a talker prompt into `row` (from empty): its last hidden state [1, D]."""
         self.talker_cache.reset([row])
         n = prompt.embeds.shape[0]
+        self.talker_lengths[row] = n
         hidden = self.model.talker(prompt.embeds[None], prompt.positions[:, None],
                                    self.talker_cache.rows([row]),
-                                   torch.tensor([n], device=self.device))
+                                   torch.tensor([n], device=self.talker_device))
         return hidden[:, -1]
 
-    def talker_step(self, rows: Sequence[int], inputs: torch.Tensor,
-                    rope_deltas: Sequence[float]) -> torch.Tensor:
-        """One talker step per row; inputs [n, D] (codec part + trailing text). -> [n, D]."""
+    def speak(self, hidden: torch.Tensor, code0: torch.Tensor, greedy: bool,
+              sample: Callable[[torch.Tensor], torch.Tensor], go: Sequence[int],
+              rows: Sequence[int], text: torch.Tensor | None, rope_deltas: Sequence[float]
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Finish n frames whose code0 was chosen (hidden [n, D]: the talker hidden that chose
+        it; the code predictor samples with `sample`, or argmax when `greedy`), then one talker
+        step for frames `go` (indices into the n; their talker `rows`, trailing `text` [m, D],
+        rope deltas). Returns the frames' codes [n, G] and, for `go`, the next hidden [m, D]
+        and its codebook-0 logits [m, V] (None when `go` is empty)."""
+        for r in rows:
+            self.talker_lengths[r] += 1
+        if self.talker_static is not None and greedy:
+            longest = max((self.talker_lengths[r] for r in rows), default=1)
+            step = self.talker_static.talk(hidden, code0, text, go, rows, rope_deltas, longest)
+            codes = step.codes[: hidden.shape[0]].clone()
+            if not go:
+                return codes, None, None
+            return codes, step.next_hidden[list(go)], step.logits[list(go)]
+        talker = self.model.talker
+        codes, codec_next = talker.predict_residuals(hidden, code0, sample)
+        if not go:
+            return codes, None, None
         view = self.talker_cache.rows(list(rows))
-        pos = decode_positions(view.lengths, torch.tensor(rope_deltas, device=self.device))
-        out = self.model.talker(inputs[:, None], pos, view, self._ones(len(rows)))
-        return out[:, 0]
+        pos = decode_positions(view.lengths, torch.tensor(rope_deltas,
+                                                          device=self.talker_device))
+        out = talker((codec_next[list(go)] + text)[:, None], pos, view,
+                     self._ones(len(rows), self.talker_device))[:, 0]
+        return codes, out, talker.code0_logits(out)
 
     def code0_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.talker.code0_logits(hidden)
 
-    def finish_frames(self, hidden: torch.Tensor, code0: torch.Tensor,
-                      sample: Callable[[torch.Tensor], torch.Tensor]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The code predictor for frames whose code0 was chosen: codes [n, G] and the codec part
-        of each row's next talker input [n, D]."""
-        return self.model.talker.predict_residuals(hidden, code0, sample)
-
     def text_embed(self, token: int) -> torch.Tensor:
         """A generated token as talker trailing text [D]."""
         ids = torch.tensor([token], device=self.device)
-        return self.model.talker.text_projection(self.model.thinker.embed(ids))[0]
+        embed = self.to_talker(self.model.thinker.embed(ids))
+        return self.model.talker.text_projection(embed)[0]
 
     # -- vocoder --------------------------------------------------------------------------------
 
-    def new_vocoder(self) -> StreamingCode2Wav:
+    def new_vocoder(self, row: int) -> StreamingCode2Wav | PooledStream:
+        """A stream for the request in talker row `row`."""
+        if self.vocoder is not None:
+            return PooledStream(self.model.code2wav, row)
         return StreamingCode2Wav(self.model.code2wav)
 
-    def vocode(self, vocoders: list[StreamingCode2Wav], codes: torch.Tensor
-               ) -> list[torch.Tensor]:
+    def vocode(self, vocoders: list, codes: torch.Tensor) -> list[torch.Tensor]:
         """Push a chunk of codes [n, G, F] to vocoders standing at the same frame: samples."""
+        if self.vocoder is not None:
+            return self.vocoder.push_streams(vocoders, codes)
         return push_together(vocoders, codes)
 
-    def _ones(self, n: int) -> torch.Tensor:
-        return torch.ones(n, dtype=torch.long, device=self.device)
+    def _ones(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.ones(n, dtype=torch.long, device=device or self.device)
+
+
+def graph_mode(setting: bool | None, device: torch.device, blockers: list[str]) -> bool | None:
+    """How a stage on `device` decodes: None eagerly, False through the static steps called as
+    they are, True through the static steps captured as CUDA graphs. `setting` is
+    EngineConfig.cuda_graphs: None is "on a CUDA device, when nothing in the stage reads
+    back to the host", True insists (an error where that cannot hold)."""
+    if setting is False or (setting is None and (device.type != "cuda" or blockers)):
+        return None
+    if device.type != "cuda":
+        return False
+    if blockers:
+        raise ValueError("cuda_graphs: these modules read device values back to the host and "
+                         f"cannot be captured: {', '.join(blockers[:4])}"
+                         + (" ..." if len(blockers) > 4 else "")
+                         + " (quantized MoE experts); load without cuda_graphs")
+    return True

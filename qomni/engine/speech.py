@@ -93,8 +93,8 @@ def build_talker_prompt(model: OmniModel, x: ProcessedInputs, embeds: torch.Tens
                         hidden: torch.Tensor, generated: Sequence[int],
                         speaker_id: int) -> TalkerPrompt:
     """embeds [S, Dt]: the thinker's input embeddings (media features in place);
-    hidden [S, Dt]: its hidden state after `accept_hidden_layer` layers; generated: the
-    generated tokens so far (`talker_prompt_ready`)."""
+    hidden [S, Dt]: its hidden state after `accept_hidden_layer` layers (both on the talker's
+    device); generated: the generated tokens so far (`talker_prompt_ready`)."""
     cfg: OmniConfig = model.cfg
     tok, tcfg, talker = cfg.tokens, cfg.talker, model.talker
     ids = x.input_ids.to(embeds.device)
@@ -116,8 +116,9 @@ def build_talker_prompt(model: OmniModel, x: ProcessedInputs, embeds: torch.Tens
     a = s - header
     rows = embeds[a: a + 4]  # S[0:4], completed by generated tokens for a short header
     if rows.shape[0] < 4:
-        more = torch.tensor(list(generated[: 4 - rows.shape[0]]), device=ids.device)
-        rows = torch.cat([rows, model.thinker.embed(more)])
+        thinker_device = model.thinker.model.norm.weight.device
+        more = torch.tensor(list(generated[: 4 - rows.shape[0]]), device=thinker_device)
+        rows = torch.cat([rows, model.thinker.embed(more).to(rows.device)])
     assistant = talker.text_projection(rows)  # [4, D]
     tail = talker.text_projection(embeds[a + 4:])
     pad, bos = special_embeds(model, (tok.tts_pad, tok.tts_bos))
@@ -189,9 +190,9 @@ def talker_id_view(ids: list[int], tok: SpecialTokens, video_grids: list, spg: l
 
 def special_embeds(model: OmniModel, ids: Sequence[int]) -> list[torch.Tensor]:
     """text_projection of thinker token embeddings (tts_pad / tts_bos / tts_eos), each [D]."""
-    device = model.thinker.lm_head.weight.device
+    device = model.thinker.model.norm.weight.device
     e = model.thinker.embed(torch.tensor(list(ids), device=device))
-    return list(model.talker.text_projection(e))
+    return list(model.talker.text_projection(e.to(model.talker.model.norm.weight.device)))
 
 
 def trailing_text(header: int, text: SpeechText, n: int) -> int | Trailing | None:

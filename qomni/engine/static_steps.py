@@ -108,7 +108,7 @@ class TalkerStep(DecodeInputs):
 
     Inputs: hidden [B, D] (the talker hidden that chose code0), code0 [B], text [B, D] (trailing
     text embeddings), and, per row, whether it takes the talker step (a row whose frame is its
-    last only finishes it). Outputs: codes [B, G], the next hidden [B, D] and its codebook-0
+    last only finishes it) and in which cache row. Outputs: codes [B, G], the next hidden [B, D] and its codebook-0
     logits [B, V] (float32, suppressed ids at -inf)."""
 
     def __init__(self, talker: Talker, cache: KVCache, batch: int, n_keys: int):
@@ -123,14 +123,22 @@ class TalkerStep(DecodeInputs):
         self.next_hidden = torch.zeros(batch, d, dtype=w.dtype, device=w.device)
         self.logits = torch.zeros(batch, talker.cfg.text.vocab_size, device=w.device)
 
-    def load_frames(self, hidden: torch.Tensor, code0: torch.Tensor, text: torch.Tensor,
-                    rows: Sequence[int], deltas: Sequence[float]) -> None:
-        """hidden [n, D], code0 [n] for the n frames to finish; text [m, D] for the first m of
-        them, which take a talker step (rows, deltas: theirs)."""
+    def load_frames(self, hidden: torch.Tensor, code0: torch.Tensor, text: torch.Tensor | None,
+                    go: Sequence[int], rows: Sequence[int], deltas: Sequence[float]) -> None:
+        """hidden [n, D], code0 [n] for the n frames to finish; frames `go` (indices into the
+        n) take a talker step with text [m, D], in talker cache `rows` (deltas: theirs)."""
+        n = hidden.shape[0]
         fill_rows(self.hidden, hidden)
         fill_rows(self.code0, code0)
-        fill_rows(self.text, text)
-        self.load(rows, deltas)
+        self.text.zero_()
+        row_of, delta_of, valid = [0] * n, [0.0] * n, [False] * n
+        for j, i in enumerate(go):
+            row_of[i], delta_of[i], valid[i] = rows[j], deltas[j], True
+        if go:
+            self.text[list(go)] = text
+        self.rows.fill(row_of, 0)
+        self.deltas.fill(delta_of, 0.0)
+        self.valid.fill(valid, False)
 
     def idle(self) -> None:
         super().idle()
@@ -146,14 +154,12 @@ class TalkerStep(DecodeInputs):
         self.logits.copy_(talker.code0_logits(hidden))
 
 
-class StaticDecoder:
-    """The engine's static decode calls: thinker and talker steps by (bucket, key slots),
-    captured as CUDA graphs when `capture` is set."""
+class StaticThinker:
+    """The engine's thinker decode steps by (bucket, key slots), captured as CUDA graphs when
+    `capture` is set."""
 
-    def __init__(self, thinker: Thinker, cache: KVCache, talker: Talker | None = None,
-                 talker_cache: KVCache | None = None, capture: bool = False):
+    def __init__(self, thinker: Thinker, cache: KVCache, capture: bool = False):
         self.thinker, self.cache = thinker, cache
-        self.talker, self.talker_cache = talker, talker_cache
         self.graphs = StepGraphs(capture)
 
     @torch.inference_mode()
@@ -162,26 +168,31 @@ class StaticDecoder:
         """One thinker step for each row (its last token `tokens[i]`); `longest`: the most
         entries any of these rows holds after the step. Returns the step, whose `logits[:n]`
         and `next_tokens[:n]` are the rows' (valid until the next call with its key)."""
-        key = ("thinker", bucket_for(len(rows)), key_bucket(longest, self.cache.max_len + 1))
-        step = self.graphs.get(key, lambda: ThinkerDecodeStep(self.thinker, self.cache,
-                                                              key[1], key[2]))
+        key = (bucket_for(len(rows)), key_bucket(longest, self.cache.max_len + 1))
+        step = self.graphs.get(key, lambda: ThinkerDecodeStep(self.thinker, self.cache, *key))
         step.tokens.fill(tokens, 0)
         step.load(rows, rope_deltas)
         self.graphs.run(key)
         return step
 
+
+class StaticTalker:
+    """The engine's talker frames (code predictor, then talker step) by (bucket, key slots),
+    captured as CUDA graphs when `capture` is set."""
+
+    def __init__(self, talker: Talker, cache: KVCache, capture: bool = False):
+        self.talker, self.cache = talker, cache
+        self.graphs = StepGraphs(capture)
+
     @torch.inference_mode()
-    def talk(self, hidden: torch.Tensor, code0: torch.Tensor, text: torch.Tensor,
-             rows: Sequence[int], rope_deltas: Sequence[float], longest: int) -> TalkerStep:
-        """Finish n frames (hidden [n, D], code0 [n]) and step the talker for the first m of
-        them (text [m, D]; rows, rope_deltas: m each; `longest`: the most entries of these
-        rows after the step). Returns the step: `codes[:n]`, `next_hidden[:m]`, `logits[:m]`."""
-        if self.talker is None:
-            raise ValueError("speech output is not loaded")
-        key = ("talker", bucket_for(hidden.shape[0]),
-               key_bucket(longest, self.talker_cache.max_len + 1))
-        step = self.graphs.get(key, lambda: TalkerStep(self.talker, self.talker_cache,
-                                                       key[1], key[2]))
-        step.load_frames(hidden, code0, text, rows, rope_deltas)
+    def talk(self, hidden: torch.Tensor, code0: torch.Tensor, text: torch.Tensor | None,
+             go: Sequence[int], rows: Sequence[int], rope_deltas: Sequence[float],
+             longest: int) -> TalkerStep:
+        """Finish n frames (hidden [n, D], code0 [n]) and step the talker for frames `go`
+        (text [m, D]; rows, rope_deltas: m each; `longest`: the most entries of these rows after
+        the step). Returns the step: `codes[:n]`, and `next_hidden`, `logits` at `go`."""
+        key = (bucket_for(hidden.shape[0]), key_bucket(longest, self.cache.max_len + 1))
+        step = self.graphs.get(key, lambda: TalkerStep(self.talker, self.cache, *key))
+        step.load_frames(hidden, code0, text, go, rows, rope_deltas)
         self.graphs.run(key)
         return step

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from qomni.engine.graphs import HostInput, StepGraphs, bucket_for, fill_rows
 from qomni.models.code2wav import Code2Wav, Code2WavState
+from qomni.models.code2wav_stream import StreamingCode2Wav, push_together
 from qomni.models.conv import CausalConvNet, CausalTransConvNet
 from qomni.models.rope import apply_rope
 
@@ -134,6 +135,14 @@ class Code2WavChunk:
         return pre.norm(x)
 
 
+class PooledStream:
+    """One utterance's vocoder stream in pool row `row`: its first chunk through `stream`
+    (eager), the others through the pool."""
+
+    def __init__(self, model: Code2Wav, row: int):
+        self.stream, self.row, self.frames = StreamingCode2Wav(model), row, 0
+
+
 class StaticVocoder:
     """Chunks of streams held in a `VocoderPool`, by (bucket, frames), captured as CUDA graphs
     when `capture` is set."""
@@ -144,6 +153,21 @@ class StaticVocoder:
 
     def start(self, row: int, state: Code2WavState) -> None:
         self.pool.start(row, state)
+
+    def push_streams(self, streams: list[PooledStream], codes: torch.Tensor
+                     ) -> list[torch.Tensor]:
+        """Push codes [n, G, F] to streams standing at the same frame: each stream's samples."""
+        if len({s.frames for s in streams}) != 1:
+            raise ValueError("push_streams needs streams at the same frame")
+        if streams[0].frames == 0:
+            pcms = push_together([s.stream for s in streams], codes)
+            for s in streams:
+                self.start(s.row, s.stream.state)
+        else:
+            pcms = [p.clone() for p in self.push([s.row for s in streams], codes)]
+        for s in streams:
+            s.frames += codes.shape[2]
+        return pcms
 
     @torch.inference_mode()
     def push(self, rows: Sequence[int], codes: torch.Tensor) -> list[torch.Tensor]:

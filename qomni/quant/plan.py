@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -115,9 +115,11 @@ def stored_quantized(keys: Iterable[str]) -> dict[str, set[str]]:
 
 def quantize_modules(model: nn.Module, path: Path, keys: Iterable[str],
                      quantization: str | Mapping[str, str] | None, dtype: torch.dtype,
-                     device: torch.device) -> dict[str, str]:
-    """Swap `model`'s modules for quantized ones (see the module docstring) before loading.
-    Returns {module group: how it is quantized} for what was swapped."""
+                     device: torch.device | Callable[[str], torch.device]) -> dict[str, str]:
+    """Swap `model`'s modules for quantized ones (see the module docstring) before loading,
+    their weights to live on `device` (or device(module name)). Returns {module group: how it
+    is quantized} for what was swapped."""
+    device_of = device if callable(device) else lambda name: device
     wanted = parse_quantization(quantization)
     stored = stored_quantized(keys)
     replacements: dict[str, nn.Module] = {}
@@ -129,10 +131,11 @@ def quantize_modules(model: nn.Module, path: Path, keys: Iterable[str],
             if isinstance(scheme, dict):  # experts: per projection; the rest as asked
                 rest = QuantizeOnLoad(wanted[comp]) if comp in wanted else Dense()
                 sources = {p: scheme.get(p, rest) for p in PROJECTIONS}
-                replacements[name] = QuantExperts.replacing(module, sources, dtype, device)
+                replacements[name] = QuantExperts.replacing(module, sources, dtype,
+                                                              device_of(name))
                 scheme = next(iter(scheme.values()))
             else:
-                replacements[name] = QuantLinear.replacing(module, scheme, dtype, device)
+                replacements[name] = QuantLinear.replacing(module, scheme, dtype, device_of(name))
             summary.setdefault(comp or name, str(scheme))
     for name, module in model.named_modules():
         comp = component_of(name)
@@ -140,12 +143,12 @@ def quantize_modules(model: nn.Module, path: Path, keys: Iterable[str],
             continue
         source = QuantizeOnLoad(wanted[comp])
         if isinstance(module, nn.Embedding):
-            replacements[name] = QuantEmbedding.replacing(module, dtype, device)
+            replacements[name] = QuantEmbedding.replacing(module, dtype, device_of(name))
         elif isinstance(module, Experts):
             replacements[name] = QuantExperts.replacing(
-                module, dict.fromkeys(PROJECTIONS, source), dtype, device)
+                module, dict.fromkeys(PROJECTIONS, source), dtype, device_of(name))
         elif isinstance(module, nn.Linear):
-            replacements[name] = QuantLinear.replacing(module, source, dtype, device)
+            replacements[name] = QuantLinear.replacing(module, source, dtype, device_of(name))
         else:
             continue
         summary.setdefault(comp, str(source))
