@@ -48,6 +48,8 @@ def _at_least(least: int) -> Callable[[str], int]:
 
     return parse
 
+from qomni.server.limits import Limits, MiB
+
 
 def _generate(args: argparse.Namespace) -> int:
     import numpy as np
@@ -96,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from qomni.server import Limits, create_app, server_config
+        from qomni.server import create_app, server_config
     except ImportError as e:
         raise RuntimeError(f"`qomni serve` needs the server packages ({e.name} is missing): "
                            "pip install 'qomni[serve]'") from None
@@ -109,7 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--allowed-local-media-path {args.allowed_local_media_path!r} "
                                 "is not a directory")
     name = args.served_model_name or args.model or "qomni-tiny-demo"
-    limits = Limits(max_request_bytes=args.max_request_mb * 1024 * 1024,
+    limits = Limits(max_request_bytes=args.max_request_mb * MiB,
                     max_media_items=args.max_media_items,
                     max_media_seconds=args.max_media_seconds,
                     max_realtime_sessions=args.max_realtime_sessions,
@@ -301,17 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-special-tokens-in-text", action="store_true",
                    help="read control-token strings in message text (<|im_start|>, ...) as "
                         "control tokens, as the reference does (default: as plain text)")
-    s.add_argument("--max-request-mb", type=int, default=64, help="largest request body")
-    s.add_argument("--max-media-items", type=int, default=16, help="media parts per request")
-    s.add_argument("--max-media-seconds", type=float, default=600.0,
-                   help="longest audio or video input")
-    s.add_argument("--media-timeout", type=_positive, default=30.0, metavar="SECONDS",
+    s.add_argument("--max-request-mb", type=int, default=Limits.max_request_bytes // MiB,
+                   help="largest request body and realtime message")
+    s.add_argument("--max-media-items", type=int, default=Limits.max_media_items,
+                   help="media parts per request")
+    s.add_argument("--max-media-seconds", type=_positive, default=Limits.max_media_seconds,
+                   help="longest audio or video input (default: the longest audio whose "
+                        "tokens fit in a sequence of max_model_len)")
+    s.add_argument("--media-timeout", type=_positive, default=Limits.media_timeout_s,
+                   metavar="SECONDS",
                    help="deadline for fetching one remote media URL, redirects included")
     s.add_argument("--allow-media-network", action="append", default=[], type=_network,
                    metavar="CIDR", help="let remote media URLs reach this network besides "
                    "public addresses (repeatable; e.g. 10.0.0.0/8 for an internal media host; "
                    "loopback, private and link-local addresses are refused otherwise)")
-    s.add_argument("--max-realtime-sessions", type=int, default=32,
+    s.add_argument("--max-realtime-sessions", type=int, default=Limits.max_realtime_sessions,
                    help="open realtime sockets at once; more are refused (503)")
     s.add_argument("--reasoning", choices=("auto", "on", "off"), default="auto",
                    help="answer with reasoning_content apart from content (auto: on for a "

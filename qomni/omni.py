@@ -80,6 +80,13 @@ class Omni:
         omni.quantization = quantized
         return omni
 
+    @property
+    def max_audio_frames(self) -> int:
+        """Codec frames (80 ms each) of speech a reply gets when the request sets no cap: the
+        checkpoint's talker_max_new_tokens, less one (the reference's cap counts the final
+        EOS step too)."""
+        return max(1, int(self.generation_config.get("talker_max_new_tokens", 4096)) - 1)
+
     # -- inputs ---------------------------------------------------------------------------------
 
     def process(self, messages: Conversation, use_audio_in_video: bool = False,
@@ -223,9 +230,8 @@ class Omni:
             talker = _seeded(opts.talker_sampling
                              or talker_sampling_defaults(self.generation_config), opts.seed)
             frames = opts.max_audio_frames
-            if frames is None:  # the reference's cap counts the final EOS step too
-                frames = max(1, int(self.generation_config.get("talker_max_new_tokens",
-                                                               4096)) - 1)
+            if frames is None:
+                frames = self.max_audio_frames
             speech = new_speech(speaker_id, talker, code_predictor_sampling(talker), frames,
                                 self.model.talker.model.norm.weight.device)
         params = _seeded(opts.sampling or GREEDY, opts.seed)

@@ -168,6 +168,9 @@ def prepare(state: AppState, req: ChatCompletionRequest) -> Job:
         except ValueError as e:
             raise APIError(400, str(e), param="audio.voice", code="invalid_voice") from None
         options["speaker"] = voice
+    if req.max_audio_frames is not None and req.max_audio_frames > limits.max_audio_frames:
+        raise APIError(400, f"max_audio_frames {req.max_audio_frames} is over this server's "
+                       f"limit of {limits.max_audio_frames}", param="max_audio_frames")
     if req.wants_audio and req.max_audio_frames is not None:
         options["max_audio_frames"] = req.max_audio_frames
     options["sampling"] = thinker_sampling(req.temperature, req.top_p, req.top_k,

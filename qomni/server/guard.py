@@ -9,8 +9,9 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from qomni.server.limits import Limits
 from qomni.server.origins import OriginPolicy
-from qomni.server.state import Limits, Metrics
+from qomni.server.state import Metrics
 from qomni.server.wire import APIError
 
 Scope = MutableMapping[str, Any]

@@ -28,9 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qomni.omni import Omni
 from qomni.server.chat import as_api_error, chat_completions
 from qomni.server.guard import Guard
+from qomni.server.limits import Limits
 from qomni.server.origins import OriginPolicy
 from qomni.server.realtime import realtime
-from qomni.server.state import Admission, AppState, Limits, app_state
+from qomni.server.state import Admission, AppState, app_state
 from qomni.server.wire import APIError
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def create_app(omni: Omni, *, model_name: str | None = None, api_key: str | None
     `special_tokens_in_text`: read control-token strings in message text (`<|im_start|>`,
     ...) as control tokens, as the reference does; by default they are plain text, so a
     client cannot forge turns or media placeholders."""
-    limits = limits or Limits()
+    limits = (limits or Limits()).for_model(omni)
     if reasoning is None:
         reasoning = "thinking" in Path(omni.path).name.lower()
     local_root = Path(allowed_local_media_path).resolve() if allowed_local_media_path else None

@@ -35,7 +35,7 @@ from typing import Any
 from qomni.multimodal.media import MediaPolicy
 from qomni.omni import DEFAULT_SPEAKER, Omni
 from qomni.options import GenerateOptions
-from qomni.server.state import Limits
+from qomni.server.limits import Limits
 from qomni.server.wire import MAX_REPETITION_PENALTY, thinker_sampling
 
 # The model card's system prompt for voice chat (README "Prompt for Audio-Visual Interaction";
@@ -157,8 +157,11 @@ def _modalities(v: Any, name: str) -> bool:
 def _max_tokens(v: Any, name: str, limit: int, default: int) -> int:
     if v == "inf" or v is None:
         return default
-    n = check_num(v, name, 1, 2**31, integer=True)
-    if n > limit:
+    return _at_most(check_num(v, name, 1, 2**31, integer=True), limit, name)
+
+
+def _at_most(n: int, limit: int | None, name: str) -> int:
+    if limit is not None and n > limit:
         raise RealtimeError(f"{name} {n} is over this server's limit of {limit}", param=name)
     return n
 
@@ -321,9 +324,9 @@ class SessionParser:
                 ch["max_tokens"] = _max_tokens(s[key], f"{prefix}.{key}", self.limits.max_tokens,
                                                self.limits.default_max_tokens)
         if "max_output_audio_frames" in s:
-            v = s["max_output_audio_frames"]
-            ch["max_audio_frames"] = None if v is None else check_num(
-                v, f"{prefix}.max_output_audio_frames", 1, 2**31, integer=True)
+            v, name = s["max_output_audio_frames"], f"{prefix}.max_output_audio_frames"
+            ch["max_audio_frames"] = None if v is None else _at_most(
+                check_num(v, name, 1, 2**31, integer=True), self.limits.max_audio_frames, name)
         if s.get("max_image_frames") is not None:
             ch["max_image_frames"] = check_num(
                 s["max_image_frames"], f"{prefix}.max_image_frames", 0,

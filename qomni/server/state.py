@@ -1,5 +1,5 @@
-"""What one server is, fixed when `create_app` builds it: the `Omni` it serves, its `Limits`, its
-media policy, its key; and the little it keeps while it runs (admission count, metrics, the
+"""What one server is, fixed when `create_app` builds it: the `Omni` it serves, its `Limits`
+(limits.py), its media and origin policies, its key; and the little it keeps while it runs (admission count, metrics, the
 transcripts of audio replies). Routes reach it as `request.app.state.qomni`."""
 
 from __future__ import annotations
@@ -19,34 +19,12 @@ from qomni.events import AudioChunk, Finished, TextDelta
 from qomni.multimodal.media import MediaPolicy
 from qomni.omni import Omni
 from qomni.options import GenerateOptions
+from qomni.server.limits import Limits
 from qomni.server.origins import OriginPolicy
 from qomni.server.wire import APIError
 
 AUDIO_TTL_S = 3600  # how long an audio id's transcript is kept for later turns (expires_at)
 MAX_TRANSCRIPTS = 4096
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_request_bytes: int = 64 * 1024 * 1024  # the whole HTTP body (base64 media included)
-    max_media_items: int = 16  # media parts per request
-    max_media_bytes: int = 48 * 1024 * 1024  # one decoded media item
-    max_media_seconds: float = 600.0  # one audio or video item's duration
-    media_timeout_s: float = 30.0  # one remote download, redirects included
-    # networks (CIDR) remote media may come from besides public addresses, e.g. "10.0.0.0/8"
-    media_networks: tuple[str, ...] = ()
-    max_tokens: int = 8192  # the largest max_tokens a request may ask for
-    default_max_tokens: int = 1024  # when the request gives none (Omni.generate's default)
-    max_pending: int = 64  # requests queued or running; more get 503
-    max_realtime_sessions: int = 32  # open realtime sockets; more are refused with 503
-
-    def media_policy(self, *, allow_remote: bool, local_root: Any) -> MediaPolicy:
-        """The server's media rules: remote URLs only when allowed, local paths only under
-        `local_root` (none at all without it), sizes and durations capped."""
-        return MediaPolicy(allow_remote=allow_remote, allow_local=local_root is not None,
-                           local_root=local_root, max_bytes=self.max_media_bytes,
-                           timeout=self.media_timeout_s, max_seconds=self.max_media_seconds,
-                           allowed_networks=self.media_networks)
 
 
 class Metrics:
