@@ -135,7 +135,8 @@ def _check(events, want, **names):
 def live(tmp_path_factory):
     tiny = make_tiny(tmp_path_factory.mktemp("rt") / "tiny")
     served = Omni.load(tiny, dtype="float32", device="cpu", progress=False)
-    limits = Limits(max_request_bytes=256 * 1024, max_media_seconds=8, max_media_items=6)
+    limits = Limits(max_request_bytes=256 * 1024, max_media_seconds=8, max_media_items=6,
+                    max_audio_frames=400)  # the barge-in test speaks at length
     url, stop = _start(create_app(served, model_name=MODEL, api_key=KEY, limits=limits))
     ref = Omni.load(tiny, dtype="float32", device="cpu", progress=False)
 
@@ -562,6 +563,34 @@ def test_openai_client_realtime_text(live):
                          return_audio=False)
     assert text == want.text
     assert done.response.usage.input_tokens == want.usage.prompt_tokens
+
+
+@pytest.mark.filterwarnings(r"ignore:connect\(\) must be used as a context manager")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_openai_beta_client_realtime_text(live):
+    """The beta client (`client.beta.realtime`, OpenAI-Beta: realtime=v1) at the URL the README
+    gives: `websocket_base_url="ws://HOST:PORT/v1"`."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(api_key=KEY, base_url=live.url.replace("ws", "http") + "/v1",
+                           websocket_base_url=live.url + "/v1")
+    with client.beta.realtime.connect(model=MODEL) as conn:
+        conn.session.update(session={"modalities": ["text"], "instructions": "Be brief.",
+                                     "max_response_output_tokens": 4})
+        conn.conversation.item.create(item={"type": "message", "role": "user",
+                                            "content": [{"type": "input_text", "text": "Hello"}]})
+        conn.response.create()
+        text = ""
+        for ev in conn:
+            if ev.type == "response.text.delta":
+                text += ev.delta
+            elif ev.type == "error":
+                raise AssertionError(ev)
+            elif ev.type == "response.done":
+                break
+    want = live.generate([{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "Hello"}], max_new_tokens=4,
+                         return_audio=False)
+    assert text == want.text
 
 
 def test_realtime_sessions_are_capped(live):
