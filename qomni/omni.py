@@ -81,6 +81,11 @@ class Omni:
         return omni
 
     @property
+    def max_model_len(self) -> int:
+        """Tokens one sequence holds, prompt and reply together."""
+        return self.engine_config.max_model_len
+
+    @property
     def max_audio_frames(self) -> int:
         """Codec frames (80 ms each) of speech a reply gets when the request sets no cap: the
         checkpoint's talker_max_new_tokens, less one (the reference's cap counts the final

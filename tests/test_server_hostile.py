@@ -27,6 +27,7 @@ from websockets.sync.client import connect
 
 from qomni import Omni
 from qomni.server import Limits, create_app
+from qomni.server.limits import PROMPT_OVERHEAD_TOKENS
 from qomni.tiny import make_tiny
 
 MODEL = "tiny-omni"
@@ -323,3 +324,61 @@ def test_a_huge_prompt_is_refused_fast_and_health_stays_responsive(live):
     assert "max_model_len" in err["message"] and "--max-model-len" in err["message"]
     assert slowest < 1.0, slowest
     assert result["seconds"] < 30, result["seconds"]
+
+
+# ------------------------------------------------------------------------------ defaults
+
+
+def _audio_turn(seconds: float) -> list[dict]:
+    t = np.arange(int(seconds * 16000)) / 16000
+    return [{"role": "user", "content": [
+        {"type": "audio", "audio": (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)}]}]
+
+
+def test_default_limits_follow_the_engine(live):
+    """With no limits given, the longest audio allowed is the longest whose tokens fit in a
+    sequence, requests may not ask for longer replies or speech than the model gives, and
+    each refusal says which limit it is."""
+    app = create_app(live.served, model_name=MODEL)
+    limits = app.state.qomni.limits
+    max_len = live.served.max_model_len
+    seconds = limits.max_media_seconds
+    fits = len(live.ref.process(_audio_turn(seconds)))
+    assert fits < max_len
+    assert len(live.ref.process(_audio_turn(seconds + 1))) > max_len - PROMPT_OVERHEAD_TOKENS
+    assert limits.max_tokens == max_len - 1
+    assert limits.max_audio_frames == live.served.max_audio_frames
+    url, stop = _start(app)
+    other = Live(url, live.ref, live.served)
+    try:
+        wav = io.BytesIO()
+        with wave.open(wav, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(8000)
+            w.writeframes(np.zeros(int((seconds + 2) * 8000), "<i2").tobytes())
+        status, _, body = other.chat([{"role": "user", "content": [{"type": "input_audio",
+            "input_audio": {"data": base64.b64encode(wav.getvalue()).decode()}}]}])
+        err = _error(status, body, 400, "invalid_media", "messages[0].content[0].input_audio.data")
+        assert f"longer than the {seconds:g} s limit" in err["message"]
+        status, _, body = other.chat([{"role": "user", "content": "hi"}],
+                                     max_audio_frames=limits.max_audio_frames + 1)
+        err = _error(status, body, 400, param="max_audio_frames")
+        assert "over this server's limit" in err["message"]
+        status, _, body = other.chat([{"role": "user", "content": "hi"}], max_tokens=max_len)
+        _error(status, body, 400, param="max_tokens")
+        with other.ws() as ws:
+            assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
+            ws.send(json.dumps({"type": "session.update", "session": {
+                "max_output_audio_frames": limits.max_audio_frames + 1}}))
+            ev = json.loads(ws.recv(timeout=30))
+            assert ev["type"] == "error"
+            assert ev["error"]["param"] == "session.max_output_audio_frames"
+    finally:
+        stop()
+
+
+def test_a_prompt_over_max_model_len_says_which_limit_to_raise(live):
+    status, _, body = live.chat([{"role": "user", "content": "hi " * 5000}], max_tokens=1)
+    err = _error(status, body, 400)
+    assert "max_model_len" in err["message"] and "--max-model-len" in err["message"]

@@ -1,7 +1,8 @@
 """The engine client: what the server asks of an `Omni`, answered by engine replicas.
 
 `ReplicatedOmni` stands where the server expects an `Omni`: `astream`, `open_prefix`,
-`process`, `processor`, `config`, `path`, `model.audio_output`. Preprocessing that the server
+`process`, `processor`, `config`, `path`, `model.audio_output`, `max_model_len`,
+`max_audio_frames`. Preprocessing that the server
 does itself (validation, media reading, token counts) runs here, on the ingress; generation
 runs on a replica, streamed back through a DeploymentHandle.
 
@@ -69,6 +70,8 @@ class ReplicatedOmni:
         self.processor = info["processor"]
         self.tokenizer = self.processor.tokenizer
         self.model = ModelInfo(info["audio_output"])
+        self.max_model_len: int = info["max_model_len"]  # sizes the server's default limits
+        self.max_audio_frames: int = info["max_audio_frames"]
 
     # -- the Omni surface the server uses ----------------------------------------------------
 

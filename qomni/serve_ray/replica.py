@@ -55,7 +55,8 @@ class EngineReplica:
         """What the ingress needs to validate requests without the weights."""
         omni = self.omni
         return {"replica": self.id, "path": str(omni.path), "config": omni.config,
-                "processor": omni.processor, "audio_output": bool(omni.model.audio_output)}
+                "processor": omni.processor, "audio_output": bool(omni.model.audio_output),
+                "max_model_len": omni.max_model_len, "max_audio_frames": omni.max_audio_frames}
 
     async def astream(self, messages: list[dict], kwargs: dict[str, Any],
                       prefix: str | None = None, home: str | None = None

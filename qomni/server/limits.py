@@ -40,7 +40,7 @@ class Limits:
 
     def for_model(self, omni: Omni) -> Limits:
         """These limits with each None made concrete for `omni` and its engine."""
-        max_len = omni.engine_config.max_model_len
+        max_len = omni.max_model_len
         max_tokens = self.max_tokens or max_len - 1
         return dataclasses.replace(
             self, max_tokens=max_tokens,
