@@ -1,13 +1,23 @@
 """The engine: streaming equals non-streaming, mixed batches equal single runs, aborts free
 everything, bad requests fail alone."""
 
+import dataclasses
+import itertools
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from qomni import AudioChunk, EngineConfig, Finished, Omni, SamplingParams, TextDelta
+from qomni import (
+    AudioChunk,
+    EngineConfig,
+    Finished,
+    GenerateOptions,
+    Omni,
+    SamplingParams,
+    TextDelta,
+)
 
 GREEDY_TALKER = SamplingParams(temperature=0, repetition_penalty=1.05)
 STORY = [{"role": "user", "content": "Tell me a story about a lighthouse keeper."}]
@@ -484,3 +494,88 @@ def test_template_options_reach_the_chat_template(omni):
     assert closed.usage.prompt_tokens == want != plain.usage.prompt_tokens
     with pytest.raises(ValueError, match="chat_template_kwargs"):
         omni.generate(HELLO, max_new_tokens=2, chat_template_kwargs={"tools": []})
+
+
+# ------------------------------------------------------------------ batched, chunked prefill
+
+
+def test_a_batch_admitted_together_equals_each_request_alone(omni):
+    """The prompts admitted in one step are prefilled in one forward (right-padded)."""
+    kw = {"max_new_tokens": 7, "max_audio_frames": 9, "talker_sampling": GREEDY_TALKER}
+    convs = [HELLO, STORY, LONG]
+    alone = [omni.generate(c, **kw) for c in convs]
+    together = omni.generate(convs, **kw)
+    for a, t in zip(alone, together):
+        assert t.token_ids == a.token_ids and torch.equal(t.codes, a.codes)
+
+
+def _chunked_twin(omni, budget):
+    """The same model and processor behind an engine that prefills `budget` tokens a step."""
+    cfg = dataclasses.replace(omni.engine_config, max_prefill_tokens=budget)
+    return Omni(omni.model, omni.processor, omni.path, omni.generation_config, cfg)
+
+
+def test_a_long_prompt_prefilled_in_pieces_answers_as_prefilled_whole(omni):
+    kw = {"max_new_tokens": 8, "max_audio_frames": 10, "talker_sampling": GREEDY_TALKER}
+    turn = _next_turn()
+    assert len(omni.process(turn)) > 4 * 7
+    twin = _chunked_twin(omni, 7)
+    try:
+        want = omni.generate([LONG, turn], **kw)
+        got = twin.generate([LONG, turn], **kw)
+        prefix = _ready(twin.open_prefix(HISTORY))
+        continued = twin.generate(turn, prefix=prefix, **kw)
+    finally:
+        twin._loop().close()
+    for w, g in zip(want, got):
+        assert g.token_ids == w.token_ids and torch.equal(g.codes, w.codes)
+    assert continued.usage.cached_tokens == len(prefix) and torch.equal(continued.codes,
+                                                                        want[1].codes)
+
+
+def test_pieces_of_a_prompt_equal_the_whole_prefill(omni):
+    """The runner's prefill from where each row stands: the states of a prompt prefilled in
+    pieces, next to other prompts, equal one whole prefill (fp32)."""
+    from qomni.engine.runner import Chunk, ModelRunner
+
+    runner = ModelRunner(omni.model, EngineConfig(max_num_seqs=3, max_model_len=256))
+    prompts = [runner.embed(omni.process(c)) for c in (_next_turn(), LONG, HELLO)]
+    with torch.inference_mode():
+        whole, (whole_cap, _, _) = runner.prefill(
+            [Chunk(r, p, 0, len(p), r == 0) for r, p in enumerate(prompts)])
+        n = len(prompts[0])
+        cuts = [0, 5, 17, n - 1, n]
+        caps = []
+        for start, end in itertools.pairwise(cuts):  # another prompt beside each piece
+            last, (cap, _) = runner.prefill([Chunk(0, prompts[0], start, end, True),
+                                             Chunk(1, prompts[1], 0, len(prompts[1]), False)])
+            caps.append(cap)
+    for got, want in ((last[0], whole[0]), (torch.cat(caps), whole_cap)):
+        assert (got - want).abs().max() <= 1e-4, (got - want).abs().max()
+    logits = runner.logits(torch.stack([last[0], whole[0]]))
+    assert int(logits[0].argmax()) == int(logits[1].argmax())
+
+
+def test_a_long_prefill_does_not_stall_running_decodes(omni):
+    from qomni.engine.engine import Engine
+
+    engine = Engine(omni.model, omni._stop_ids(),
+                    EngineConfig(max_num_seqs=2, max_model_len=256, max_prefill_tokens=6))
+    short = omni._request(HELLO, GenerateOptions(max_new_tokens=40, return_audio=False))
+    long = omni._request(LONG, GenerateOptions(max_new_tokens=4, return_audio=False))
+    engine.add(short)
+    while not short.tokens:
+        engine.step()
+    engine.add(long)
+    steps = 0
+    while not long.tokens:
+        before = len(short.tokens)
+        engine.step()
+        steps += 1
+        assert len(short.tokens) == before + 1  # a token every step
+        assert long.prefilled == min(6 * steps, len(long.inputs))
+    assert steps == -(-len(long.inputs) // 6)
+    alone = omni.generate(LONG, max_new_tokens=4, return_audio=False)
+    while not long.finished:
+        engine.step()
+    assert long.tokens == alone.token_ids

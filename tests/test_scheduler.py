@@ -162,3 +162,28 @@ def test_every_row_comes_back(rows):
             assert x.row is not None
         s.release(s.running[0])
     assert sorted(s.free_rows) == sorted(s.free_talker_rows) == list(range(rows))
+
+
+def test_admission_can_stop_after_some_requests():
+    s = Scheduler(rows=3)
+    a, b, c = Seq("a"), Seq("b"), Seq("c")
+    for x in (a, b, c):
+        s.add(x)
+    assert s.admit(1) == [a] and s.admit(1) == [b] and list(s.waiting) == [c]
+
+
+def test_a_prefix_being_prefilled_goes_on_first_and_is_given_up_for_a_request():
+    s = Scheduler(rows=2)
+    started = Pre()
+    s.add_prefix(started)
+    s.place_prefix(started, keep_base=False)  # its first piece is in the cache, not all
+    fresh = Pre()
+    s.add_prefix(fresh)
+    assert s.next_prefix() is started and s.next_prefix([started]) is fresh
+    s.place_prefix(fresh, keep_base=False)
+    assert not s.free_rows and s.can_prefill(started) and s.has_work()
+    a = Seq("a", prefix=started)  # of no use to a until it is ready
+    s.add(a)
+    assert s.next_prefix() is None
+    assert s.admit() == [a] and a.row == 0 and started.closed and started.freed
+    assert s.prefixes == [fresh]

@@ -29,6 +29,9 @@ class EngineConfig:
         1, "codec frames (80 ms each) in the first audio chunk of a reply: its latency")
     chunk_frames: int = _setting(
         25, "the longest audio chunk, in codec frames; chunks grow to it from the first")
+    max_prefill_tokens: int = _setting(
+        2048, "prompt tokens prefilled per engine step, over all requests: a longer prompt is "
+        "prefilled in pieces over several steps, so running requests keep decoding")
     audio_cache_windows: int = _setting(
         64, "audio-encoder windows (8 s) kept encoded, so a conversation's earlier audio is not "
         "encoded again at every turn (0: no cache)", least=0)

@@ -5,8 +5,10 @@ this file decides what each step does with them.
 
 Legend: n requests in a call, S tokens, Dt thinker hidden, D talker hidden, V vocabulary.
 
-Per step: (1) admit waiting requests into free cache rows and prefill them (their first token);
-prefill prompt prefixes while no request waits; (2) one thinker decode step for every request
+Per step: (1) prefill, in one thinker forward of at most `max_prefill_tokens` tokens, what the
+budget allows of: requests still being prefilled, waiting requests admitted into free cache
+rows, and (while no request waits) prompt prefixes; a request whose prompt is then whole takes
+its first token; (2) one thinker decode step for every request
 still writing text, batched; (3) talker prefill for speaking requests that have their first
 token, then one talker step, batched, for every request whose next text is known — code
 predictor for all their frames at once; (4) vocode pending frames in chunks (a small first chunk
@@ -112,20 +114,46 @@ class Engine:
             self._release(req, req.finish_reason)
 
     def _admit(self) -> None:
-        for req in self.sched.admit():
+        """Prefill, in one forward and up to `max_prefill_tokens` tokens: the requests still
+        being prefilled, then newly admitted ones, then (while no request waits) prefixes.
+        A prompt longer than what is left goes on at the next step."""
+        budget = self.config.max_prefill_tokens
+        owners: list[Request | Prefix] = []
+        chunks: list[Chunk] = []
+
+        def take(owner: Request | Prefix, capture: bool) -> None:
+            nonlocal budget
+            end = min(len(owner.prompt), owner.prefilled + budget)
+            owners.append(owner)
+            chunks.append(Chunk(owner.row, owner.prompt, owner.prefilled, end, capture))
+            budget -= end - owner.prefilled
+
+        for req in self.running:
+            if budget and req.prompt is not None and req.prefilled < len(req.prompt):
+                take(req, req.speaks)
+        while budget and (admitted := self.sched.admit(1)):
+            req = admitted[0]
             try:
-                chunk = self._start(req)
-                self._prefill([req], [chunk])
+                self._start(req)
             except Exception as e:  # noqa: BLE001 - a bad request fails alone
                 self._release(req, "error")
                 req.events.append(e)
-        while (prefix := self.sched.next_prefix()) is not None:
+                continue
+            take(req, req.speaks)
+        started: list[Prefix] = []
+        while budget and (prefix := self.sched.next_prefix(started)) is not None:
+            started.append(prefix)
             try:
-                self._prefill_prefix(prefix)
+                if prefix.prompt is None:
+                    self._start_prefix(prefix)
             except Exception:  # noqa: BLE001 - a prefix is an optimisation: drop it
                 self.sched.release_prefix(prefix)
+                continue
+            take(prefix, prefix.capture)
+        if chunks:
+            self._prefill(owners, chunks)
 
-    def _start(self, req: Request) -> Chunk:
+    def _start(self, req: Request) -> None:
         """Embed an admitted request's prompt; when its row holds its prefix, keep the tokens
         they share and prefill only the rest."""
         req.prompt = prompt = self.runner.embed(req.inputs)
@@ -142,40 +170,59 @@ class Engine:
         if p is not None:  # its row is the request's now, or was released
             p.row = None
             p.free()
-        return Chunk(req.row, prompt, n, len(prompt), req.speaks)
+        req.prefilled = n
 
-    def _prefill(self, reqs: list[Request], chunks: list[Chunk]) -> None:
-        """Prefill the requests' prompts (the rest after their prefixes) and take their first
-        tokens."""
-        last, captured = self.runner.prefill(chunks)
-        for req, cap in zip(reqs, captured):
-            if req.speaks:  # the talker prompt reads the prompt's embeddings and these states
-                req.captured = cap if req.captured is None else torch.cat([req.captured, cap])
-            else:
-                req.prompt = None
-            if req.sampler.uses_penalty:  # the reference penalises prompt tokens too
-                req.seen = torch.zeros(self.cfg.thinker.text.vocab_size, dtype=torch.bool,
-                                       device=self.device)
-                req.seen[req.inputs.input_ids.to(self.device)] = True
-            if req.sampler.uses_counts:  # frequency / presence penalties: generated tokens only
-                req.counts = torch.zeros(self.cfg.thinker.text.vocab_size, device=self.device)
-        self._accept(reqs, self.runner.logits(last))
-
-    def _prefill_prefix(self, prefix: Prefix) -> None:
-        """Prefill a prefix into a row; one that replaces an earlier, prefilled prefix (the same
-        turn with more of its audio) takes that one's row and keeps what they share."""
+    def _start_prefix(self, prefix: Prefix) -> None:
+        """Embed a prefix and give it a row; one that replaces an earlier, prefilled prefix
+        (the same turn with more of its audio) takes that one's row and keeps what they
+        share."""
         prompt = self.runner.embed(prefix.inputs)
         base, n = self.sched.continuable_base(prefix), 0
         if base is not None and (base.captured is not None or not prefix.capture):
             n = shared_tokens(prompt, prefix.inputs, base.inputs, base.embeds)
-        held = base.captured if n and prefix.capture else None
+        held = base.captured[:n] if n and prefix.capture else None
         self.sched.place_prefix(prefix, keep_base=n > 0)
-        _, (captured,) = self.runner.prefill([Chunk(prefix.row, prompt, n, len(prompt),
-                                                    prefix.capture)])
-        prefix.continued = n
-        prefix.embeds = prompt.embeds
-        prefix.captured = captured if held is None else torch.cat([held[:n], captured])
-        prefix.ready = True
+        prefix.prompt, prefix.prefilled, prefix.continued, prefix.captured = prompt, n, n, held
+
+    def _prefill(self, owners: list[Request | Prefix], chunks: list[Chunk]) -> None:
+        """Prefill the chunks; requests whose prompt is then whole take their first token,
+        prefixes are then ready. If the forward fails, the requests in it fail."""
+        try:
+            last, captured = self.runner.prefill(chunks)
+        except Exception as e:  # noqa: BLE001 - these requests fail, the others go on
+            for owner in owners:
+                if isinstance(owner, Prefix):
+                    self.sched.release_prefix(owner)
+                else:
+                    self._release(owner, "error")
+                    owner.events.append(e)
+            return
+        done, rows = [], []
+        for i, (owner, chunk, cap) in enumerate(zip(owners, chunks, captured)):
+            owner.prefilled = chunk.end
+            if cap is not None:  # the talker prompt reads these states (and the embeddings)
+                owner.captured = cap if owner.captured is None else torch.cat([owner.captured,
+                                                                               cap])
+            if chunk.end < len(chunk.prompt):
+                continue
+            if isinstance(owner, Prefix):
+                owner.embeds, owner.prompt, owner.ready = chunk.prompt.embeds, None, True
+                continue
+            if not owner.speaks:
+                owner.prompt = None
+            self._start_sampling(owner)
+            done.append(owner)
+            rows.append(i)
+        if done:
+            self._accept(done, self.runner.logits(last[rows]))
+
+    def _start_sampling(self, req: Request) -> None:
+        vocab = self.cfg.thinker.text.vocab_size
+        if req.sampler.uses_penalty:  # the reference penalises prompt tokens too
+            req.seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+            req.seen[req.inputs.input_ids.to(self.device)] = True
+        if req.sampler.uses_counts:  # frequency / presence penalties: generated tokens only
+            req.counts = torch.zeros(vocab, device=self.device)
 
     def _decode(self) -> None:
         reqs = [r for r in self.running if r.tokens and not r.thinker_done]

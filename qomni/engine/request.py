@@ -51,15 +51,17 @@ class Prefix:
     row: int | None = None
     ready: bool = False
     closed: bool = False  # used, released or evicted: it holds nothing
-    embeds: torch.Tensor | None = None  # [P, Dt]
-    captured: torch.Tensor | None = None  # [P, Dt], when capture
+    embeds: torch.Tensor | None = None  # [P, Dt], once ready
+    captured: torch.Tensor | None = None  # [P, Dt] (so far), when capture
+    prompt: Prompt | None = None  # embedded, while it is prefilled in pieces
+    prefilled: int = 0  # tokens in its row
     # An earlier prefix this one replaces (the same turn, less of its audio): when that one is
     # prefilled, this one takes its row and keeps the tokens they share.
     base: Prefix | None = None
     continued: int = 0  # tokens kept from its base (0: prefilled whole)
 
     def free(self) -> None:
-        self.embeds = self.captured = None
+        self.embeds = self.captured = self.prompt = None
 
 
 @dataclass(eq=False)  # identity: requests hold tensors
@@ -76,6 +78,7 @@ class Request:
     finish_reason: str | None = None  # set when the thinker stops
     finished: bool = False  # everything (text and speech) is done and the rows are free
     prompt: Prompt | None = None  # embedded, while prefilled and until the talker prompt
+    prefilled: int = 0  # prompt tokens in its row; the first token comes once all are
     captured: torch.Tensor | None = None  # [S, Dt] hidden after accept_hidden_layer layers
     seen: torch.Tensor | None = None  # [V] tokens in the context (repetition penalty only)
     counts: torch.Tensor | None = None  # [V] float: how often each token was generated

@@ -6,21 +6,23 @@ Rules: requests are admitted in arrival order, each into a free thinker row (or 
 prefix it continues) and, when it speaks, a free talker row; a request that cannot be admitted
 keeps the ones after it waiting. Requests come before prefixes: a prefix is prefilled only while
 no request waits, and a prefilled one gives its row back when a waiting request needs it (a
-request never waits on a prefix). A request whose newest prefix is not prefilled yet continues
-the one that prefix replaces, when that one is. Rows are reused; nothing is allocated here.
+request never waits on a prefix; one still being prefilled in pieces is of no use to it). A
+request whose newest prefix is not prefilled yet continues the one that prefix replaces, when
+that one is. Rows are reused; nothing is allocated here.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 
 class PrefixSlot(Protocol):
     """What the scheduler reads and sets on a prefix (`engine.request.Prefix`)."""
 
-    row: int | None
-    ready: bool  # prefilled into `row`
+    row: int | None  # set once its prefill starts
+    ready: bool  # prefilled into `row`, all of it
     closed: bool  # used, released or evicted: it holds nothing
     base: PrefixSlot | None  # the earlier prefix it replaces, while that one may be continued
 
@@ -53,12 +55,13 @@ class Scheduler:
     def add(self, seq: SeqSlot) -> None:
         self.waiting.append(seq)
 
-    def admit(self) -> list[SeqSlot]:
-        """The waiting requests that get rows now, in arrival order, with `row` (and
-        `talker_row`) set. A request whose `row` is its prefix's continues that prefix."""
+    def admit(self, most: int | None = None) -> list[SeqSlot]:
+        """The waiting requests that get rows now (at most `most`), in arrival order, with
+        `row` (and `talker_row`) set. A request whose `row` is its prefix's continues that
+        prefix."""
         self._evict_idle_prefixes()
-        admitted = []
-        while self.waiting:
+        admitted: list[SeqSlot] = []
+        while self.waiting and (most is None or len(admitted) < most):
             seq = self.waiting[0]
             self._fall_back_to_base(seq)
             continues = self.holds_row(seq.prefix)
@@ -122,15 +125,20 @@ class Scheduler:
         p.row, p.closed, p.ready = None, True, False
         p.free()
 
-    def next_prefix(self) -> PrefixSlot | None:
-        """A prefix to prefill now: none while requests wait."""
+    def next_prefix(self, skip: Sequence[PrefixSlot] = ()) -> PrefixSlot | None:
+        """A prefix to prefill now, other than those in `skip`: none while requests wait. One
+        being prefilled in pieces (it has a row) comes before those not started."""
         if self.waiting:
             return None
-        return next((p for p in self.prefixes if self.can_prefill(p)), None)
+        todo = [p for p in self.prefixes if self.can_prefill(p) and p not in skip]
+        return min(todo, key=lambda p: p.row is None, default=None)
 
     def can_prefill(self, p: PrefixSlot) -> bool:
-        """A prefix waits for a free row, unless it may continue its base's."""
-        return not p.ready and bool(self.free_rows or self.holds_row(p.base))
+        """A prefix being prefilled goes on; one not started waits for a free row, unless it
+        may continue its base's."""
+        if p.ready:
+            return False
+        return p.row is not None or bool(self.free_rows or self.holds_row(p.base))
 
     def continuable_base(self, p: PrefixSlot) -> PrefixSlot | None:
         """The prefilled prefix `p` may continue (its base), if any."""
@@ -158,8 +166,9 @@ class Scheduler:
 
     def _evict_idle_prefixes(self) -> None:
         while self.waiting and not self.free_rows:
+            # A prefix still being prefilled is of no use to a request yet.
             idle = [p for p in self.prefixes if p.row is not None
-                    and all(s.prefix is not p for s in self.waiting)]
+                    and (not p.ready or all(s.prefix is not p for s in self.waiting))]
             if not idle:
                 return
             self.release_prefix(idle[0])
