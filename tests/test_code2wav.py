@@ -3,7 +3,7 @@
 The reference module is built with a fixed seed, then its weights are redrawn at unit scale:
 its own init (std 0.02, ConvNeXt gamma 1e-6, layer scale 0.01) gives a ~1e-7 waveform, which
 would make any tolerance meaningless (and runs slowly on denormal floats).
-Tolerances: DESIGN §4 (waveform max|Δ| ≤ 1e-4 vs the reference); a stream equals one whole
+Tolerances (fp32): waveform max|Δ| ≤ 1e-4 vs the reference; a stream equals one whole
 decode to 1e-5.
 """
 

@@ -24,7 +24,7 @@ if _SKIMAGE is None:
     pytest.skip("scikit-image (real test photos) is not installed", allow_module_level=True)
 DATA = Path(_SKIMAGE.origin).parent / "data"
 
-# The official preprocessor_config.json (reference notes §1.4).
+# The official checkpoint's preprocessor_config.json.
 OFFICIAL = {
     "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "min_pixels": 3136,
     "max_pixels": 12845056, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,

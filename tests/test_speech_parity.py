@@ -1,7 +1,7 @@
 """Speech output against transformers 5.23 `generate(return_audio=True, talker_do_sample=False)`
 on the tiny config (fp32): identical text, identical codec codes [16, T], waveform close to the
-reference's full decode. The reference's Q1 bug (audio together with an image crashes its
-talker) is patched as DESIGN §4 says."""
+reference's full decode. The reference's talker crashes when audio comes together with an image
+(its talker config lacks the audio config); the tests patch that in, as docs/architecture.md says."""
 
 import glob
 

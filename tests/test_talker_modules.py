@@ -1,7 +1,7 @@
 """Talker and code predictor modules against transformers 5.23 on tiny config "a" (fp32, CPU).
 
 The checkpoint is written by transformers' save_pretrained (per-expert keys) and read by qomni's
-own loader into a bare Talker. Tolerances: DESIGN §4 (hidden/logits max|Δ| ≤ 1e-4, codes equal).
+own loader into a bare Talker. Tolerances (fp32): hidden/logits max|Δ| ≤ 1e-4, codes equal.
 """
 
 import pytest

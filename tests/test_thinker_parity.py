@@ -1,7 +1,7 @@
 """Thinker text path against transformers 5.23 on tiny configs (fp32, CPU).
 
 Checkpoints are written by transformers' save_pretrained (sharded, per-expert keys) and loaded by
-qomni's own loader. Tolerances: DESIGN §4 (logits max|Δ| ≤ 1e-4, token ids exactly equal).
+qomni's own loader. Tolerances (fp32): logits max|Δ| ≤ 1e-4, token ids exactly equal.
 """
 
 import pytest

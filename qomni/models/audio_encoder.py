@@ -136,7 +136,7 @@ class AudioEncoder(nn.Module):
         # The reference pads every chunk to the longest chunk of the batch, and what the conv
         # biases make of that padding reaches the chunk's last token, so we pad the same way.
         width = min(2 * self.cfg.n_window, max(lens))
-        # (The reference sizes windows from the batch's longest chunk, notes Q7; that differs
+        # (The reference sizes windows from the batch's longest chunk; that differs
         # only when every audio is under one chunk, and then each audio is one window anyway.)
         size = window_frames(self.cfg)
         out, start = [], 0

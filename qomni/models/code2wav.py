@@ -1,4 +1,4 @@
-"""Code2Wav: codec codes → 24 kHz waveform (reference notes §2.6).
+"""Code2Wav: codec codes → 24 kHz waveform.
 
 B batch, G code groups (quantizers), F frames, S samples, D hidden, H heads, K head dim,
 W sliding window (frames).
