@@ -159,7 +159,8 @@ class ModelRunner:
             codes = step.codes[: hidden.shape[0]].clone()
             if not go:
                 return codes, None, None
-            return codes, step.next_hidden[list(go)], step.logits[list(go)]
+            m = len(go)
+            return codes, step.at_go(step.next_hidden, m), step.at_go(step.logits, m)
         talker = self.model.talker
         codes, codec_next = talker.predict_residuals(hidden, code0, sample)
         if not go:

@@ -73,7 +73,7 @@ class DecodeInputs:
         mask = mask[:, None, None]  # [B, 1, 1, K]
         for layer in model.layers:
             h = layer(h, cos, sin, self.view, slots, mask)
-        self.cache.lengths.index_put_((rows,), valid.long(), accumulate=True)
+        self.cache.lengths.index_add_(0, rows, valid.long())
         return model.norm(h)[:, 0]
 
 
@@ -122,6 +122,7 @@ class TalkerStep(DecodeInputs):
         self.codes = torch.zeros(batch, g, dtype=torch.long, device=w.device)
         self.next_hidden = torch.zeros(batch, d, dtype=w.dtype, device=w.device)
         self.logits = torch.zeros(batch, talker.cfg.text.vocab_size, device=w.device)
+        self.go = HostInput(torch.zeros(batch, dtype=torch.long, device=w.device))
 
     def load_frames(self, hidden: torch.Tensor, code0: torch.Tensor, text: torch.Tensor | None,
                     go: Sequence[int], rows: Sequence[int], deltas: Sequence[float]) -> None:
@@ -130,15 +131,20 @@ class TalkerStep(DecodeInputs):
         n = hidden.shape[0]
         fill_rows(self.hidden, hidden)
         fill_rows(self.code0, code0)
-        self.text.zero_()
         row_of, delta_of, valid = [0] * n, [0.0] * n, [False] * n
         for j, i in enumerate(go):
             row_of[i], delta_of[i], valid[i] = rows[j], deltas[j], True
-        if go:
-            self.text[list(go)] = text
         self.rows.fill(row_of, 0)
         self.deltas.fill(delta_of, 0.0)
         self.valid.fill(valid, False)
+        self.go.fill(go, 0)
+        self.text.zero_()
+        if go:  # by a device index: a host list as index would be a blocking copy
+            self.text.index_copy_(0, self.go.buffer[: len(go)], text)
+
+    def at_go(self, t: torch.Tensor, m: int) -> torch.Tensor:
+        """Rows of an output [B, ...] at the frames that took a talker step: [m, ...]."""
+        return t.index_select(0, self.go.buffer[:m])
 
     def idle(self) -> None:
         super().idle()

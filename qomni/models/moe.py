@@ -15,6 +15,9 @@ from torch import nn
 from qomni.config import TextConfig
 from qomni.models.layers import MLP
 
+# The public name of torch's grouped GEMM; builds that predate it have only the private one.
+grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
 
 class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden: int, intermediate: int):
@@ -34,8 +37,8 @@ class Experts(nn.Module):
         counts.scatter_add_(0, flat, torch.ones_like(flat))
         offsets = counts.cumsum(0).to(torch.int32)
         xs = x[order // k]
-        gate, up = F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, -1)
-        out = F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, -1)
+        out = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
         out = out * weights.reshape(-1)[order, None]
         pairs = torch.empty_like(out)
         pairs[order] = out
