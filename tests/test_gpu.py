@@ -53,3 +53,27 @@ def test_real_checkpoint_answers_and_speaks():
     out = omni.generate(QUESTION, max_new_tokens=16, seed=0)
     assert "paris" in out.text.lower(), out.text
     _check_speech(out, min_rms=0.01)
+
+
+def test_cuda_graphs_equal_the_uncaptured_steps(tmp_path):
+    """Three speaking requests in a bucket of 4: captured graphs replay exactly what the static
+    steps compute uncaptured (tokens, codes, audio)."""
+    from qomni.bench.gpu_check import graphs_on_vs_off, tiny_checkpoint
+
+    result = graphs_on_vs_off(tiny_checkpoint(tmp_path), torch.device("cuda"), "bfloat16")
+    assert result["captured"] and result["pass"], result
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_talker_on_a_second_gpu_equals_one(hf_tiny):
+    path, _ = hf_tiny("a")
+    from qomni import SamplingParams
+
+    kw = {"max_new_tokens": 8, "max_audio_frames": 12,
+          "talker_sampling": SamplingParams(temperature=0)}
+    one = Omni.load(path, dtype="bfloat16", device="cuda:0", progress=False)
+    two = Omni.load(path, dtype="bfloat16", device="cuda:0", progress=False,
+                    stage_devices="thinker=cuda:0,talker=cuda:1")
+    assert two.model.talker.model.norm.weight.device == torch.device("cuda", 1)
+    a, b = one.generate(QUESTION, **kw), two.generate(QUESTION, **kw)
+    assert a.token_ids == b.token_ids and torch.equal(a.codes, b.codes)
