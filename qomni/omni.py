@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qomni.cancel import check_cancelled
 from qomni.config import OmniConfig
 from qomni.engine.config import EngineConfig
 from qomni.engine.engine import Engine
@@ -29,7 +30,7 @@ from qomni.engine.speech import (
 from qomni.events import AudioChunk, Finished, GenerateOutput, TextDelta
 from qomni.loading import load_model, resolve_model_path
 from qomni.models.model import OmniModel
-from qomni.multimodal.chat import StreamDecoder
+from qomni.multimodal.chat import PromptTooLong, StreamDecoder
 from qomni.multimodal.processor import ProcessedInputs, Processor
 from qomni.options import GenerateOptions
 from qomni.prefix import PromptPrefix, history_inputs, partial_turn_inputs
@@ -168,7 +169,12 @@ class Omni:
         if _is_batch(messages):
             raise ValueError("astream() takes one conversation")
         opts = GenerateOptions.build(options, "astream", **kwargs)
-        req = await asyncio.to_thread(self._request, messages, opts)
+        cancel = threading.Event()
+        try:
+            req = await asyncio.to_thread(self._request, messages, opts, cancel)
+        except BaseException:  # e.g. the consumer cancelled: the inputs' work stops too
+            cancel.set()
+            raise
         inbox: asyncio.Queue = asyncio.Queue()
         aio = asyncio.get_running_loop()
         loop = self._loop()
@@ -187,7 +193,8 @@ class Omni:
 
     def open_prefix(self, messages: Conversation, *, partial: bool = False,
                     replaces: PromptPrefix | None = None,
-                    options: GenerateOptions | None = None, **kwargs: Any) -> PromptPrefix:
+                    options: GenerateOptions | None = None, cancel: threading.Event | None = None,
+                    **kwargs: Any) -> PromptPrefix:
         """Prefill the beginning of a prompt now, before the request exists. Pass the result as
         `prefix=` to the request whose prompt continues it: the tokens its prompt shares with
         the prefix's start (same ids, positions and input embeddings, token by token) are not
@@ -199,37 +206,55 @@ class Omni:
         `partial`, its last message is a user turn still arriving, whose last part is the audio
         received so far: the prefix then ends with that audio's finished encoder windows.
         `replaces`: an earlier prefix of the same prompt (the turn with less audio): this one
-        takes over its row and keeps what they share; the earlier one is closed either way.
-        `options` / keywords: the request's `GenerateOptions`; the prompt is rendered as that
-        request renders it (use_audio_in_video, tools, enable_thinking, chat_template_kwargs)."""
+        takes over its row and keeps what they share; the earlier one is closed either way
+        (this call failing included). `options` / keywords: the request's `GenerateOptions`;
+        the prompt is rendered as that request renders it (use_audio_in_video, tools,
+        enable_thinking, chat_template_kwargs). `cancel`: once set, preparing the prompt stops
+        at its next media item or log-mel block (`qomni.cancel.Cancelled`) and nothing is
+        prefilled. A prefix that leaves no room for a reply is `PromptTooLong`."""
         if _is_batch(messages):
             raise ValueError("open_prefix() takes one conversation")
         if replaces is not None and not isinstance(replaces, PromptPrefix):
             raise ValueError("replaces must come from Omni.open_prefix, "
                              f"got {type(replaces).__name__}")
-        template = GenerateOptions.build(options, "open_prefix", **kwargs).template_kwargs()
-        limit = self.engine_config.max_model_len
-
-        def process(conv: Conversation, **kw: Any) -> ProcessedInputs:
-            return self.processor(conv, **template, max_model_len=limit, **kw)
-
-        if partial:
-            inputs = partial_turn_inputs(process, self.processor, messages)
-        else:
-            inputs = history_inputs(process, messages, self.config.tokens.im_start)
+        try:
+            inputs = self._prefix_inputs(messages, partial, options, cancel, kwargs)
+        except BaseException:
+            if replaces is not None:
+                replaces.close()
+            raise
         prefix = Prefix(inputs, capture=self.model.audio_output,
                         base=replaces.prefix if replaces is not None else None)
         loop = self._loop()
         loop.open_prefix(prefix)
         return PromptPrefix(prefix, loop)
 
+    def _prefix_inputs(self, messages: Conversation, partial: bool,
+                       options: GenerateOptions | None, cancel: threading.Event | None,
+                       kwargs: dict[str, Any]) -> ProcessedInputs:
+        template = GenerateOptions.build(options, "open_prefix", **kwargs).template_kwargs()
+        limit = self.engine_config.max_model_len
+
+        def process(conv: Conversation, **kw: Any) -> ProcessedInputs:
+            return self.processor(conv, **template, max_model_len=limit, cancel=cancel, **kw)
+
+        if partial:
+            inputs = partial_turn_inputs(process, self.processor, messages)
+        else:
+            inputs = history_inputs(process, messages, self.config.tokens.im_start)
+        if len(inputs) >= limit:  # the engine could not hold it with a reply
+            raise PromptTooLong(len(inputs), limit)
+        check_cancelled(cancel)
+        return inputs
+
     # -- helpers --------------------------------------------------------------------------------
 
-    def _request(self, conv: Conversation, opts: GenerateOptions) -> Request:
+    def _request(self, conv: Conversation, opts: GenerateOptions,
+                 cancel: threading.Event | None = None) -> Request:
         speak, speaker_id = self._audio_request(opts.return_audio, opts.speaker)
         # Refused here, before its media are decoded, when the text alone is too long.
         inputs = self.processor(conv, **opts.template_kwargs(),
-                                max_model_len=self.engine_config.max_model_len)
+                                max_model_len=self.engine_config.max_model_len, cancel=cancel)
         speech = None
         if speak:
             talker = _seeded(opts.talker_sampling

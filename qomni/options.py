@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qomni.multimodal.audio import MelCache
 from qomni.multimodal.media import MediaPolicy
 from qomni.prefix import PromptPrefix
 from qomni.sampling import SamplingParams
@@ -28,9 +29,11 @@ class GenerateOptions:
     The prompt: use_audio_in_video (a video's sound track is its audio), tools (function
     schemas for the chat template), chat_template_kwargs (the template's other variables,
     e.g. {"enable_thinking": False}), media (a `MediaPolicy` for this request's media
-    references; None: the processor's) and literal_text (control-token strings such as
+    references; None: the processor's), literal_text (control-token strings such as
     `<|im_start|>` in the messages' text are plain text, not control tokens: the server's
-    default; the reference parses them)."""
+    default; the reference parses them). mel_cache: a `MelCache` of the caller's audio, for a
+    caller that sends the same audio again (a realtime session: each turn repeats the earlier
+    ones)."""
 
     max_new_tokens: int = 1024
     sampling: SamplingParams | None = None
@@ -47,6 +50,7 @@ class GenerateOptions:
     chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     media: MediaPolicy | None = None
     literal_text: bool = False
+    mel_cache: MelCache | None = None
 
     def __post_init__(self) -> None:
         _int("max_new_tokens", self.max_new_tokens)
@@ -62,6 +66,8 @@ class GenerateOptions:
                 raise ValueError(f"{name} must be a boolean, got {value!r}")
         if self.speaker is not None and not (isinstance(self.speaker, str) and self.speaker):
             raise ValueError(f"speaker must be a voice name, got {self.speaker!r}")
+        if self.mel_cache is not None and not isinstance(self.mel_cache, MelCache):
+            raise ValueError(f"mel_cache must be a MelCache, got {type(self.mel_cache).__name__}")
         if self.media is not None and not isinstance(self.media, MediaPolicy):
             raise ValueError(f"media must be a MediaPolicy, got {type(self.media).__name__}")
         if self.prefix is not None and not isinstance(self.prefix, PromptPrefix):
@@ -78,7 +84,7 @@ class GenerateOptions:
         if not isinstance(kw, Mapping) or not all(isinstance(k, str) for k in kw):
             raise ValueError(f"chat_template_kwargs must map names to values, got {kw!r}")
         taken = {"messages", "tools", "add_generation_prompt", "media", "literal_text",
-                 "max_model_len"} & set(kw)
+                 "max_model_len", "mel_cache", "cancel"} & set(kw)
         if taken:
             raise ValueError(f"chat_template_kwargs cannot set {', '.join(sorted(taken))}")
         object.__setattr__(self, "chat_template_kwargs", dict(kw))
@@ -103,7 +109,7 @@ class GenerateOptions:
 
     def template_kwargs(self) -> dict[str, Any]:
         """What `Processor` takes besides the messages: the template's variables,
-        use_audio_in_video, the media policy and literal_text."""
+        use_audio_in_video, the media policy, literal_text and the mel cache."""
         kw: dict[str, Any] = {**self.chat_template_kwargs,
                               "use_audio_in_video": self.use_audio_in_video}
         if self.tools is not None:
@@ -112,6 +118,8 @@ class GenerateOptions:
             kw["media"] = self.media
         if self.literal_text:
             kw["literal_text"] = True
+        if self.mel_cache is not None:
+            kw["mel_cache"] = self.mel_cache
         return kw
 
 

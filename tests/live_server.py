@@ -32,3 +32,31 @@ def serve_in_thread(app) -> tuple[int, callable]:
 
     return port, stop
 
+
+
+def rss_mib() -> float:
+    """Resident memory of this process (the server runs in it), MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def threads_in(*functions: str) -> list[str]:
+    """Names of the threads whose stack is inside any of `functions` right now."""
+    import sys
+    import traceback
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return [names.get(ident, str(ident)) for ident, frame in sys._current_frames().items()
+            if any(f.name in functions for f in traceback.extract_stack(frame))]
+
+
+def wait_until(check, timeout: float, what: str, step: float = 0.02) -> float:
+    """Poll `check()` until it is true; returns the seconds it took."""
+    t0 = time.monotonic()
+    while not check():
+        assert time.monotonic() - t0 < timeout, f"{what} after {timeout} s"
+        time.sleep(step)
+    return time.monotonic() - t0

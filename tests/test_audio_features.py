@@ -10,13 +10,15 @@ from __future__ import annotations
 import glob
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from qomni.multimodal.audio import load_audio, log_mel_features
+from qomni.cancel import Cancelled
+from qomni.multimodal.audio import MelCache, load_audio, log_mel_features
 
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
 CLIPS = sorted(glob.glob(f"{LIBRIVOX}/*.wav"))
@@ -256,3 +258,33 @@ def test_blocks_are_final_once_their_samples_exist(speech):
         assert torch.equal(part[..., :done], whole[..., :done])
     unblocked, _ = log_mel_features([loud])
     assert (unblocked - whole).abs().max() <= 1e-5
+
+
+@needs_speech
+def test_mel_cache_gives_the_same_features_and_only_computes_new_blocks(speech):
+    """A turn still arriving, transformed at every window with one `MelCache`: the features are
+    bit for bit those computed without it, each call transforms only its new blocks, and only
+    the blocks the last call used are kept."""
+    cache = MelCache()
+    turn = np.concatenate([speech, 0.5 * speech[::-1], speech])  # 9 s
+    earlier = speech[::-1][:24_000].copy()  # an earlier turn, padded to the longest clip
+    for seconds in (2.1, 4.3, 6.5, 9.0):
+        part = turn[: int(seconds * 16000)]
+        misses = cache.misses
+        got, got_len = log_mel_features([earlier, part], block_frames=200, cache=cache)
+        want, want_len = log_mel_features([earlier, part], block_frames=200)
+        assert torch.equal(got, want) and torch.equal(got_len, want_len)
+        if seconds > 2.1:  # the earlier turn and the finished windows came from the cache:
+            assert cache.misses - misses == 2  # the new window and the unfinished one
+    used = len(cache)
+    log_mel_features([turn[:16000]], block_frames=200, cache=cache)
+    assert 0 < len(cache) < used
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_log_mel_stops_when_cancelled():
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        log_mel_features([np.ones(64_000, np.float32)], block_frames=200, cancel=cancel)

@@ -1,6 +1,7 @@
 """The engine: streaming equals non-streaming, mixed batches equal single runs, aborts free
 everything, bad requests fail alone."""
 
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -273,6 +274,7 @@ def test_prefixes_replaced_before_they_are_prefilled_hold_no_rows(omni):
     nothing; closing the newest, or one too long to help, frees the whole chain."""
     from qomni.engine.engine import Engine
     from qomni.engine.request import Prefix
+    from qomni.multimodal.chat import PromptTooLong
 
     engine = Engine(omni.model, omni._stop_ids(), EngineConfig(max_num_seqs=3, max_model_len=256))
     history = [omni.process(HISTORY[:k], add_generation_prompt=False) for k in (1, 2, 3)]
@@ -302,14 +304,22 @@ def test_prefixes_replaced_before_they_are_prefilled_hold_no_rows(omni):
     engine.release_prefix(q1)  # closed before it was prefilled: what it replaces goes too
     assert q0.closed and len(engine.free_rows) == 3 and not engine.prefixes
 
-    # Through the engine thread: a replacement too long for the engine frees its base.
-    loop_engine = omni._loop().engine
-    base = _ready(omni.open_prefix(HISTORY))
-    omni.open_prefix(_turn(_spoken(22.0)), partial=True, replaces=base)  # 10 windows, 260 tokens
-    deadline = time.monotonic() + 10
-    while not _rows_all_free(loop_engine):
-        assert time.monotonic() < deadline, "a dropped prefix's base still holds its row"
-        time.sleep(0.02)
+    # Through the engine thread: a replacement too long for the engine frees its base, and so
+    # does open_prefix refusing one (10 finished windows: 260 audio tokens).
+    loop = omni._loop()
+    too_long = _turn(_spoken(22.0))
+    for refuse in ("engine", "open_prefix"):
+        base = _ready(omni.open_prefix(HISTORY))
+        if refuse == "engine":
+            inputs = omni.process(too_long, add_generation_prompt=False)
+            loop.open_prefix(Prefix(inputs, capture=False, base=base.prefix))
+        else:
+            with pytest.raises(PromptTooLong):
+                omni.open_prefix(too_long, partial=True, replaces=base)
+        deadline = time.monotonic() + 10
+        while not _rows_all_free(loop.engine):
+            assert time.monotonic() < deadline, f"{refuse}: the base still holds its row"
+            time.sleep(0.02)
 
 
 # ------------------------------------------------------------------ a turn still being spoken
@@ -377,6 +387,53 @@ def test_a_louder_moment_later_in_the_turn_is_caught(omni):
     assert got.token_ids == want.token_ids
     assert _rows_all_free(engine)
 
+
+def test_cancelled_work_stops_and_frees_what_it_holds(omni):
+    """A cancel event set while a prefix is prepared (its session closed) stops it before
+    anything is prefilled and frees the prefix it was to replace; a consumer of astream that
+    goes away while the request's audio is still being transformed stops that work too."""
+    import asyncio
+    import threading
+
+    from live_server import threads_in, wait_until
+
+    from qomni.cancel import Cancelled
+
+    engine = omni._loop().engine
+    base = _ready(omni.open_prefix(HISTORY))
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        omni.open_prefix(_turn(_spoken(5.3)), partial=True, replaces=base, cancel=cancel)
+    wait_until(lambda: _rows_all_free(engine), 10, "the replaced prefix still holds its row")
+
+    # astream: the consumer goes away while the audio is being transformed (made slow here:
+    # the transform waits for the cancel event the processor was given).
+    seen = threading.Event()
+    real = omni.processor._audio
+
+    def slow_audio(waves, cache=None, cancel=None):
+        assert cancel is not None
+        if cancel.wait(timeout=10):
+            seen.set()
+        return real(waves, cache, cancel)
+
+    async def hang_up() -> None:
+        events = omni.astream(_turn(_spoken(2.5)), max_new_tokens=1)
+        task = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    omni.processor._audio = slow_audio
+    try:
+        asyncio.run(hang_up())
+        assert seen.wait(timeout=2.0), "a cancelled request's inputs were still being prepared"
+        wait_until(lambda: not threads_in("slow_audio"), 5, "the preparation did not stop")
+    finally:
+        del omni.processor._audio
+    assert _rows_all_free(engine) and not engine.waiting and not engine.running
 
 def test_partial_prefix_needs_the_audio_last(omni):
     with pytest.raises(ValueError, match="partial"):

@@ -8,15 +8,19 @@ as Qwen3-Omni's processor calls it (pad to the longest, no truncation), batched 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from qomni.cancel import check_cancelled
 
 from .media import MediaError, resolve_media
 
@@ -201,6 +205,8 @@ def log_mel_features(
     f_max: float = 8000.0,
     block_frames: int | None = None,
     device: torch.device | str | None = None,
+    cache: MelCache | None = None,
+    cancel: threading.Event | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whisper log-mel features of a batch, as Qwen3-Omni's processor computes them.
 
@@ -215,6 +221,9 @@ def log_mel_features(
     floor) are bit for bit the same for the first seconds of a clip as for the whole clip: what
     lets audio still arriving be encoded window by window (the processor passes the audio
     encoder's window). None: one block per clip.
+
+    ``cache``: a `MelCache` whose blocks are reused (audio seen before is not transformed again).
+    ``cancel``: checked before each block; once set, `Cancelled` is raised.
     """
     if len(waveforms) == 0:
         raise ValueError("log_mel_features needs at least one waveform")
@@ -239,20 +248,78 @@ def log_mel_features(
     # Mel projection and log in float64: immune to TF32 matmul settings that an engine may enable.
     filters = torch.tensor(mel_filter_bank(n_fft, n_mels, sampling_rate, f_max), device=device)
     silent = torch.tensor(1e-10, dtype=torch.float64, device=device).log10()
+
+    transform = (n_fft, hop_length, n_mels, sampling_rate, f_max)  # what a block depends on
+
+    def block(segment: torch.Tensor) -> torch.Tensor:  # samples -> [M, frames] log10 power
+        spec = torch.stft(segment, n_fft, hop_length, window=window, center=False,
+                          return_complex=True)  # [F, frames]
+        power = torch.view_as_real(spec).pow(2).sum(-1)
+        return torch.matmul(filters, power.double()).clamp_min(1e-10).log10()
+
     log_mel = silent.expand(len(rows), n_mels, n_frames).clone()  # [B, M, L]
     for i, k in enumerate(n):
         # Frames past these see only the zero padding: their power is 0, i.e. `silent`.
         touched = min(n_frames, -(-(k + n_fft // 2) // hop_length))
         step = block_frames or touched
         for a in range(0, touched, step):
+            check_cancelled(cancel)
             b = min(a + step, touched)
             segment = padded[i, a * hop_length:(b - 1) * hop_length + n_fft]
-            spec = torch.stft(segment, n_fft, hop_length, window=window, center=False,
-                              return_complex=True)  # [F, b - a]
-            power = torch.view_as_real(spec).pow(2).sum(-1)
-            log_mel[i, :, a:b] = torch.matmul(filters, power.double()).clamp_min(1e-10).log10()
+            log_mel[i, :, a:b] = (block(segment) if cache is None
+                                  else cache.get(segment, block, transform))
+    if cache is not None:
+        cache.keep_only_used()
     peak = log_mel.amax(dim=(1, 2), keepdim=True)
     feats = ((torch.maximum(log_mel, peak - 8.0) + 4.0) / 4.0).float()
 
     lengths = [min(math.ceil(k / hop_length), n_frames) for k in n]
     return feats, torch.tensor(lengths, dtype=torch.long, device=device)
+
+
+class MelCache:
+    """Log-mel blocks (before the floor) of audio seen before, found by their samples: a caller
+    that sends the same audio again (a conversation's earlier turns at every request, a turn
+    still arriving at every encoder window) transforms only the blocks it has not seen. A block
+    is a function of its samples alone (`log_mel_features`' blocks), so a hit is exactly what
+    computing it gives. Only the blocks the last call used are kept; `clear()` frees them."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[tuple, torch.Tensor] = {}
+        self._used: dict[tuple, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, segment: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor],
+            transform: tuple) -> torch.Tensor:
+        """The block of `segment`'s samples under `transform` (the STFT and mel settings),
+        from the cache or `compute(segment)`."""
+        samples = segment.detach().contiguous().cpu().numpy()
+        # A 512-bit cryptographic digest: equal digests are equal samples.
+        key = (transform, segment.numel(), segment.device,
+               hashlib.blake2b(samples.data).digest())
+        with self._lock:
+            got = self._used.get(key)
+            if got is None:
+                got = self._blocks.get(key)
+            if got is not None:
+                self.hits += 1
+                self._used[key] = got
+                return got
+        got = compute(segment)
+        with self._lock:
+            self.misses += 1
+            self._used[key] = got
+        return got
+
+    def keep_only_used(self) -> None:
+        """A call is over: drop the blocks it did not use."""
+        with self._lock:
+            self._blocks, self._used = self._used, {}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._blocks, self._used = {}, {}
+
+    def __len__(self) -> int:
+        return len(self._blocks)

@@ -16,6 +16,7 @@ then in placeholder order, which is the order the reference's audio tower and po
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from qomni.cancel import check_cancelled
 from qomni.config import OmniConfig, PreprocessorConfig
 from qomni.models.audio_encoder import window_frames
 from qomni.models.thinker import MediaInputs
-from qomni.multimodal.audio import load_audio, log_mel_features
+from qomni.multimodal.audio import MelCache, load_audio, log_mel_features
 from qomni.multimodal.chat import (
     ChatError,
     LiteralText,
@@ -83,12 +85,16 @@ class Processor:
     def __call__(self, messages: Sequence[Mapping[str, Any]], *,
                  tools: Sequence[dict] | None = None, use_audio_in_video: bool = False,
                  media: MediaPolicy | None = None, literal_text: bool = False,
-                 max_model_len: int | None = None, **template_kwargs: Any) -> ProcessedInputs:
+                 max_model_len: int | None = None, mel_cache: MelCache | None = None,
+                 cancel: threading.Event | None = None, **template_kwargs: Any
+                 ) -> ProcessedInputs:
         """`media`: this call's media policy (default: the processor's). `literal_text`:
         control-token strings in the messages' text are text, not control tokens (the
         reference, and the default, parses them). `max_model_len`: a prompt that leaves no
         room for a reply in a sequence this long is refused (`PromptTooLong`) before its
-        media are decoded, and one far too long before it is even tokenized."""
+        media are decoded, and one far too long before it is even tokenized. `mel_cache`:
+        log-mel blocks of audio seen before, reused. `cancel`: once set, the call stops at the
+        next media item or log-mel block (`Cancelled`)."""
         policy = media or self.media
         parts = media_parts(messages)
         literal = LiteralText(self.tokenizer.control_tokens) if literal_text else None
@@ -102,19 +108,23 @@ class Processor:
         videos = [part for kind, part in parts if kind == "video"]
         # A video file is fetched once, for its frames and (audio in video) its sound track.
         sources = [self._video_source(part, i, policy) for i, part in enumerate(videos)]
+        check_cancelled(cancel)
         slots = self._audio_slots(parts, sources, use_audio_in_video, policy)
         counts: list[int] = []
         if slots:
-            inputs.audio_features, inputs.audio_lengths = self._audio([w for _, w in slots])
+            inputs.audio_features, inputs.audio_lengths = self._audio(
+                [w for _, w in slots], mel_cache, cancel)
             n_window = self.config.thinker.audio.n_window
             counts = [audio_token_count(int(n), n_window) for n in inputs.audio_lengths]
         images = [media_source(part, "image") for kind, part in parts if kind == "image"]
         image_grids: list[tuple[int, ...]] = []
+        check_cancelled(cancel)
         if images:
             inputs.pixel_values, inputs.image_grid_thw = self._images(images, policy)
             image_grids = [tuple(g) for g in inputs.image_grid_thw.tolist()]
         video_grids: list[tuple[int, ...]] = []
         spg: list[float] = []
+        check_cancelled(cancel)
         if videos:
             (inputs.pixel_values_videos, inputs.video_grid_thw,
              inputs.video_second_per_grid) = self._videos(videos, sources, policy)
@@ -181,14 +191,16 @@ class Processor:
                 n_video += 1
         return slots
 
-    def _audio(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _audio(self, waves: list[np.ndarray], cache: MelCache | None = None,
+               cancel: threading.Event | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-mel features of all audios of the conversation, computed as one padded batch as
         the reference processor does; returns the valid frames concatenated [mel, ΣL] and the
         frame counts [N]."""
         p = self.pre
         feats, lengths = log_mel_features(waves, n_fft=p.n_fft, hop_length=p.hop_length,
                                           n_mels=p.feature_size, sampling_rate=p.sampling_rate,
-                                          block_frames=self.audio_window_frames)
+                                          block_frames=self.audio_window_frames,
+                                          cache=cache, cancel=cancel)
         valid = torch.cat([feats[i, :, : int(n)] for i, n in enumerate(lengths)], dim=-1)
         return valid, lengths
 

@@ -29,6 +29,7 @@ from qomni.omni import Omni
 from qomni.server.chat import as_api_error, chat_completions
 from qomni.server.guard import Guard
 from qomni.server.limits import Limits
+from qomni.server.memory import MemoryTrim
 from qomni.server.origins import OriginPolicy
 from qomni.server.realtime import realtime
 from qomni.server.state import Admission, AppState, app_state
@@ -60,12 +61,13 @@ def create_app(omni: Omni, *, model_name: str | None = None, api_key: str | None
     if reasoning is None:
         reasoning = "thinking" in Path(omni.path).name.lower()
     local_root = Path(allowed_local_media_path).resolve() if allowed_local_media_path else None
+    memory = MemoryTrim()
     state = AppState(
         omni=omni, name=model_name or Path(omni.path).name, limits=limits,
         media=limits.media_policy(allow_remote=allow_remote_media, local_root=local_root),
         api_key=api_key, reasoning=reasoning, literal_text=not special_tokens_in_text,
-        admission=Admission(omni, limits.max_pending),
-        origins=OriginPolicy(allowed_origins))
+        admission=Admission(omni, limits.max_pending, memory),
+        origins=OriginPolicy(allowed_origins), memory=memory)
 
     app = FastAPI(title="qomni", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.qomni = state

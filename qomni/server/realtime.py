@@ -94,6 +94,7 @@ async def realtime(ws: WebSocket) -> None:
                      time.perf_counter() - t0)
     finally:
         state.realtime_sessions -= 1
+        state.memory.request()  # what the session's turns took, back to the system
 
 
 def _given_key(ws: WebSocket) -> str | None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qomni.events import AudioChunk, Finished, TextDelta
+from qomni.multimodal.audio import MelCache
 from qomni.multimodal.chat import PromptTooLong
 from qomni.multimodal.media import MediaError, MediaPolicy
 from qomni.omni import Omni
@@ -94,13 +95,14 @@ async def usage_json(resp: Response, omni: Omni, media: MediaPolicy, literal_tex
 async def open_stream(omni: Omni, resp: Response, prefix: PromptPrefix | None,
                       conversation: Conversation,
                       messages: Callable[[str], list[dict[str, Any]]],
-                      media: MediaPolicy, literal_text: bool) -> AsyncIterator[Event]:
+                      media: MediaPolicy, literal_text: bool, mel: MelCache | None = None
+                      ) -> AsyncIterator[Event]:
     """Omni.astream on the response's conversation, started (continuing `prefix`); while the
     engine refuses the prompt as too long, the oldest exchange is dropped and the prompt
-    rebuilt (`messages(instructions)`)."""
+    rebuilt (`messages(instructions)`). `mel`: the session's log-mel blocks."""
     while True:
         options = generate_options(resp.cfg, media, literal_text)
-        events = omni.astream(resp.messages, options=options, prefix=prefix)
+        events = omni.astream(resp.messages, options=options, prefix=prefix, mel_cache=mel)
         try:
             first = await anext(events)
         except PromptTooLong:

@@ -16,6 +16,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from qomni.audio_out import pcm16
 from qomni.events import AudioChunk, Finished, TextDelta
+from qomni.multimodal.audio import MelCache
 from qomni.server.realtime_audio import MODEL_RATE, InputAudioBuffer, SpeechStarted
 from qomni.server.realtime_config import (
     RealtimeError,
@@ -88,7 +89,8 @@ class Session:
                                       state.limits.max_media_seconds)
         self.response: Response | None = None
         self.pending_response = False  # a VAD turn ended while a response was running
-        self.prefill = TurnPrefill(state.omni, state.media, state.literal_text)
+        self.mel = MelCache()  # the log-mel blocks of the session's audio, for every call
+        self.prefill = TurnPrefill(state.omni, state.media, state.literal_text, self.mel)
         self._send_lock = asyncio.Lock()
         self._closed = False
 
@@ -198,12 +200,20 @@ class Session:
 
     async def on_audio_append(self, ev: dict[str, Any]) -> None:
         td = self.cfg.turn_detection
-        if td is None and not self.prefill.active:  # manual turns: the first audio starts one
-            self.prefill.open(self.messages(self.cfg.instructions))
+        if td is None and not self.prefill.active and self.response is None:
+            self.prefill.open(self.messages(self.cfg.instructions))  # a manual turn starts
         await self._audio_events(ev, td)
         if self.response is None and self.prefill.active:
-            self.prefill.grow(lambda: self.messages(self.cfg.instructions), self.images,
-                              self.audio.turn_length(), self.audio.turn_so_far)
+            self.prefill.grow(self.audio.turn_length(), self._turn_so_far)
+
+    def _turn_so_far(self) -> list[dict[str, Any]] | None:
+        """The conversation, then the turn being spoken so far (its images, its audio until
+        now); None when no turn is under way."""
+        audio = self.audio.turn_so_far()
+        if audio is None:
+            return None
+        return [*self.messages(self.cfg.instructions),
+                {"role": "user", "content": user_turn(self.images, [audio])}]
 
     async def _audio_events(self, ev: dict[str, Any], td: TurnDetection | None) -> None:
         for speech in self.audio.append(decode_b64(ev.get("audio"), "audio")):
@@ -319,7 +329,7 @@ class Session:
         try:
             events = await open_stream(self.omni, resp, await self.prefill.take(),
                                        self.conversation, self.messages, self.state.media,
-                                       self.state.literal_text)
+                                       self.state.literal_text, self.mel)
             async with contextlib.aclosing(events):
                 async for ev in events:
                     if isinstance(ev, TextDelta):

@@ -20,6 +20,7 @@ from qomni.multimodal.media import MediaPolicy
 from qomni.omni import Omni
 from qomni.options import GenerateOptions
 from qomni.server.limits import Limits
+from qomni.server.memory import MemoryTrim
 from qomni.server.origins import OriginPolicy
 from qomni.server.wire import APIError
 
@@ -77,10 +78,11 @@ class Admission:
     join and leave between steps). A consumer that goes away (client disconnect, cancelled
     task) closes its stream, which aborts the request and frees its cache rows."""
 
-    def __init__(self, omni: Omni, max_pending: int):
+    def __init__(self, omni: Omni, max_pending: int, memory: MemoryTrim | None = None):
         self.omni = omni
         self.max_pending = max_pending
         self.pending = 0
+        self.memory = memory  # told when no request is pending any more
 
     async def stream(self, messages: list[dict], options: GenerateOptions
                      ) -> AsyncIterator[TextDelta | AudioChunk | Finished]:
@@ -94,6 +96,8 @@ class Admission:
                     yield ev
         finally:
             self.pending -= 1
+            if self.pending == 0 and self.memory is not None:
+                self.memory.request()
 
 
 @dataclass
@@ -107,6 +111,7 @@ class AppState:
     literal_text: bool  # control-token strings in message text are text
     admission: Admission
     origins: OriginPolicy
+    memory: MemoryTrim  # freed memory back to the system when the server goes quiet
     metrics: Metrics = field(default_factory=Metrics)
     transcripts: Transcripts = field(default_factory=Transcripts)
     created: int = field(default_factory=lambda: int(time.time()))
