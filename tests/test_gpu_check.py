@@ -40,6 +40,7 @@ def test_dry_run_passes_and_writes_the_report(tmp_path):
     assert tiny["pass"] and tiny["greedy_equal"] == "5/5" and tiny["logits_max_abs_diff"] > 0
     graphs = report["graphs"]
     assert graphs["pass"] and graphs["vs_uncaptured"]["audio_max_abs_diff"] == 0
+    assert graphs["vs_uncaptured_sampled"]["codes"] and graphs["vs_eager"]["codes"]
     full = report["full_size"]
     assert full["settings"]["cuda_graphs"] is True
     for row in (full["c1"], full["c2"]):

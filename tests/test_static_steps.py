@@ -139,18 +139,27 @@ def test_static_engine_equals_generate(engines, n):
         assert g.token_ids == r.token_ids and torch.equal(g.codes, r.codes)
 
 
-def test_sampled_speech_and_text_only_fall_back_where_they_must(engines):
-    """A sampling talker (the checkpoint's defaults) takes the eager code predictor; the
-    thinker still decodes through the static step; seeded runs equal the eager engine's."""
+def test_sampled_speech_draws_on_the_device(engines):
+    """A sampling talker (the checkpoint's defaults): the code predictor samples inside the
+    static step, from each request's seed: a seeded request repeats, alone or in a batch. The
+    thinker's sampled tokens are drawn from the step's logits as the eager engine draws them."""
     eager, static = engines
-    kw = {"max_new_tokens": 6, "max_audio_frames": 6, "seed": 3,
+    runner = static._loop().engine.runner
+    kw = {"max_new_tokens": 6, "max_audio_frames": 8, "seed": 3,
           "sampling": SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.1)}
-    for conv in CONVS[:2]:
-        a, b = eager.generate(conv, **kw), static.generate(conv, **kw)
+    alone = [static.generate(c, **kw) for c in CONVS[:3]]
+    assert any(key[2] for key in runner.talker_static.graphs.steps)  # the sampled step ran
+    again = static.generate(CONVS[:3], **kw)
+    for a, b, conv in zip(alone, again, CONVS):
         assert a.token_ids == b.token_ids and torch.equal(a.codes, b.codes)
-        a = eager.generate(conv, max_new_tokens=5, return_audio=False)
-        b = static.generate(conv, max_new_tokens=5, return_audio=False)
-        assert a.token_ids == b.token_ids and b.audio is None
+        assert a.codes.shape[1] == 8 and int(a.codes.max()) < 2048
+        assert a.token_ids == eager.generate(conv, **kw).token_ids
+    greedy = static.generate(CONVS[0], **kw, talker_sampling=GREEDY_TALKER)
+    assert not torch.equal(greedy.codes[1:], alone[0].codes[1:])  # it did sample
+    text = [static.generate(c, max_new_tokens=5, return_audio=False) for c in CONVS[:2]]
+    for t, conv in zip(text, CONVS):
+        assert t.audio is None
+        assert t.token_ids == eager.generate(conv, max_new_tokens=5, return_audio=False).token_ids
 
 
 def _audible(model: Code2Wav) -> Code2Wav:

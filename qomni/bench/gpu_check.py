@@ -8,13 +8,13 @@ Sections, each timed, each skipped (and said so) once the time budget is spent:
    all its experts: with top-k of 8 random experts, precision alone flips near-tied routing
    decisions, which says nothing about the device.
 2. `graphs`: the engine with CUDA graphs against the same static steps uncaptured (must be
-   bitwise equal: tokens, codes, audio) and against the eager engine (reported), on a batch
-   that pads to a bucket, speaking.
+   bitwise equal: tokens, codes, audio; a greedy and a sampling talker) and against the eager
+   engine (reported; greedy), on a batch that pads to a bucket, speaking.
 3. `full_size`: the published config (tests/fixtures/instruct_config.json), random weights
    drawn on the device (bf16; a card under 100 GB is not run: qomni stores FP8 weights widened
    to bf16, so only int4 would fit, and drawing int4 weights on the device is not built),
-   CUDA graphs on: time to first audio at concurrency 1, real-time factor at 1/8/32, requests
-   per second at 64, peak memory.
+   CUDA graphs on, the checkpoint's talker sampling: time to first audio at concurrency 1,
+   real-time factor at 1/8/32, requests per second at 64, peak memory.
 Writes gpu-check.json and gpu-check.md (the table for docs/benchmarks.md) to --out.
 """
 
@@ -45,6 +45,9 @@ REPO = Path(__file__).resolve().parents[2]
 INSTRUCT_CONFIG = REPO / "tests" / "fixtures" / "instruct_config.json"
 LOGITS_TOL = 2e-2
 GREEDY_TALKER = SamplingParams(temperature=0, ignore_eos=True)
+# The published checkpoint's talker sampling (its code predictor samples too), never stopping.
+SAMPLED_TALKER = SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05,
+                                ignore_eos=True, seed=0)
 PROMPTS = ["What is the capital of France?", "Tell me a story about a lighthouse keeper.",
            "Hi", "Count to ten.", "Explain how tides work."]
 SHORT = [{"role": "user", "content": "Hi, how are you today?"}]
@@ -128,6 +131,10 @@ def graphs_on_vs_off(path: Path, device: torch.device, dtype: str) -> dict[str, 
         start = time.perf_counter()
         outs[name] = omni.generate(convs, **kw)
         outs[name + "_s"] = time.perf_counter() - start
+    # The sampling code predictor draws on the device (not as the eager engine draws): captured
+    # against uncaptured only.
+    for name, omni in (("graphs_sampled", graphs), ("static_sampled", static)):
+        outs[name] = omni.generate(convs, **{**kw, "talker_sampling": SAMPLED_TALKER})
 
     def same(a: str, b: str) -> dict[str, Any]:
         return {"tokens": all(x.token_ids == y.token_ids for x, y in zip(outs[a], outs[b])),
@@ -137,8 +144,11 @@ def graphs_on_vs_off(path: Path, device: torch.device, dtype: str) -> dict[str, 
                                           for x, y in zip(outs[a], outs[b]))}
 
     vs_static, vs_eager = same("graphs", "static"), same("graphs", "eager")
-    exact = vs_static["tokens"] and vs_static["codes"] and vs_static["audio_max_abs_diff"] == 0
-    return {"captured": captured, "vs_uncaptured": vs_static, "vs_eager": vs_eager,
+    sampled = same("graphs_sampled", "static_sampled")
+    exact = all(d["tokens"] and d["codes"] and d["audio_max_abs_diff"] == 0
+                for d in (vs_static, sampled))
+    return {"captured": captured, "vs_uncaptured": vs_static,
+            "vs_uncaptured_sampled": sampled, "vs_eager": vs_eager,
             "seconds": {k[:-2]: round(v, 3) for k, v in outs.items() if k.endswith("_s")},
             "pass": exact and (captured or device.type != "cuda")}
 
@@ -149,7 +159,7 @@ async def _one(omni: Omni, frames: int, tokens: int) -> dict[str, float]:
     samples = 0
     async for ev in omni.astream(SHORT, max_new_tokens=tokens, max_audio_frames=frames,
                                  sampling=SamplingParams(temperature=0, ignore_eos=True),
-                                 talker_sampling=GREEDY_TALKER):
+                                 talker_sampling=SAMPLED_TALKER):
         if isinstance(ev, AudioChunk):
             first = first or time.perf_counter() - start
             samples += ev.pcm.size
@@ -186,6 +196,7 @@ def full_size(config: dict[str, Any], workdir: Path, device: torch.device, dtype
                            "build_s": round(time.perf_counter() - start, 1)}
     frames, tokens = sizes["frames"], sizes["tokens"]
     out["settings"] = {"prompt": SHORT[0]["content"], "text_tokens": tokens,
+                       "talker": "temperature 0.9, top-k 50, repetition penalty 1.05",
                        "audio_frames": frames, "audio_s": frames * 0.08,
                        "cuda_graphs": omni._loop().engine.runner.static is not None}
     for n in sorted({1, *sizes["rtf"], sizes["throughput"]}):
@@ -222,8 +233,10 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{tiny['greedy_equal']}: {'PASS' if tiny['pass'] else 'FAIL'} |")
     graphs = report.get("graphs", {})
     if isinstance(graphs, dict) and "vs_uncaptured" in graphs:
-        lines.append(f"| CUDA graphs vs the same steps uncaptured | "
-                     f"{_same(graphs['vs_uncaptured'])}: {'PASS' if graphs['pass'] else 'FAIL'} |")
+        lines.append(f"| CUDA graphs vs the same steps uncaptured | greedy: "
+                     f"{_same(graphs['vs_uncaptured'])}; sampled: "
+                     f"{_same(graphs['vs_uncaptured_sampled'])}: "
+                     f"{'PASS' if graphs['pass'] else 'FAIL'} |")
         lines.append(f"| CUDA graphs vs the eager engine | {_same(graphs['vs_eager'])} |")
     for name in ("tiny_bf16_vs_fp32", "graphs"):
         if not isinstance(report.get(name), dict) or "error" in report[name]:

@@ -276,13 +276,13 @@ class Engine:
         reqs = [r for r, _ in ready]
         go = [i for i, r in enumerate(reqs) if r.speech.frames + 1 < r.speech.max_frames]
         samplers = [r.speech.code_sampler for r in reqs]
-        greedy = all(s.all_greedy and not s.uses_penalty for s in samplers)
         text = torch.stack([self._trailing_embed(*ready[i]) for i in go]) if go else None
         code0 = torch.stack([r.speech.code0 for r in reqs])
         codes, hidden, logits = self.runner.speak(
-            torch.stack([r.speech.hidden for r in reqs]), code0, greedy,
-            lambda logits: sample_rows(logits, samplers, [None] * len(samplers)), go,
-            [reqs[i].talker_row for i in go], text, [reqs[i].speech.rope_delta for i in go])
+            torch.stack([r.speech.hidden for r in reqs]), code0, samplers,
+            lambda logits: sample_rows(logits, samplers, [None] * len(samplers)),
+            [r.speech.frames for r in reqs], go, [reqs[i].talker_row for i in go], text,
+            [reqs[i].speech.rope_delta for i in go])
         for i, req in enumerate(reqs):
             sp = req.speech
             sp.pending.append(codes[i])

@@ -29,6 +29,7 @@ from qomni.models.code2wav_stream import StreamingCode2Wav, push_together
 from qomni.models.model import OmniModel
 from qomni.models.rope import decode_positions
 from qomni.multimodal.processor import ProcessedInputs
+from qomni.sampling import Sampler
 
 
 @dataclass
@@ -142,20 +143,25 @@ class ModelRunner:
                                    torch.tensor([n], device=self.talker_device))
         return hidden[:, -1]
 
-    def speak(self, hidden: torch.Tensor, code0: torch.Tensor, greedy: bool,
-              sample: Callable[[torch.Tensor], torch.Tensor], go: Sequence[int],
-              rows: Sequence[int], text: torch.Tensor | None, rope_deltas: Sequence[float]
+    def speak(self, hidden: torch.Tensor, code0: torch.Tensor, samplers: Sequence[Sampler],
+              sample: Callable[[torch.Tensor], torch.Tensor], frames: Sequence[int],
+              go: Sequence[int], rows: Sequence[int], text: torch.Tensor | None,
+              rope_deltas: Sequence[float]
               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Finish n frames whose code0 was chosen (hidden [n, D]: the talker hidden that chose
-        it; the code predictor samples with `sample`, or argmax when `greedy`), then one talker
-        step for frames `go` (indices into the n; their talker `rows`, trailing `text` [m, D],
-        rope deltas). Returns the frames' codes [n, G] and, for `go`, the next hidden [m, D]
-        and its codebook-0 logits [m, V] (None when `go` is empty)."""
+        it; `frames`: each one's number in its utterance), the code predictor sampling with each
+        frame's sampler, then one talker step for frames `go` (indices into the n; their talker
+        `rows`, trailing `text` [m, D], rope deltas). Returns the frames' codes [n, G] and, for
+        `go`, the next hidden [m, D] and its codebook-0 logits [m, V] (None when `go` is empty).
+        Eagerly, `sample` (logits [n, V] -> ids [n]) draws with the samplers' generators; the
+        static step draws on the device, from the same settings and seeds but its own noise."""
         for r in rows:
             self.talker_lengths[r] += 1
-        if self.talker_static is not None and greedy:
+        if self.talker_static is not None and not any(s.uses_penalty or s.uses_counts
+                                                      for s in samplers):
             longest = max((self.talker_lengths[r] for r in rows), default=1)
-            step = self.talker_static.talk(hidden, code0, text, go, rows, rope_deltas, longest)
+            step = self.talker_static.talk(hidden, code0, text, go, rows, rope_deltas, longest,
+                                           samplers, frames)
             codes = step.codes[: hidden.shape[0]].clone()
             if not go:
                 return codes, None, None

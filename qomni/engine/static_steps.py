@@ -8,7 +8,8 @@ Each step computes exactly what the engine's eager calls compute (same modules, 
 operations), with everything shape-dependent fixed: rows beyond the ones in use are padding that
 writes only the cache's scratch slot and advances nothing; positions and lengths come from the
 cache's device `lengths`; the attention mask is built on the device for K key slots chosen by
-the caller from host-known lengths (graphs.key_bucket). Greedy codes are chosen on the device.
+the caller from host-known lengths (graphs.key_bucket). The code predictor's codes are chosen on
+the device, greedily or by device_sampling.py.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from collections.abc import Sequence
 
 import torch
 
+from qomni.engine.device_sampling import RowSampling
 from qomni.engine.graphs import HostInput, StepGraphs, bucket_for, fill_rows, key_bucket
 from qomni.models.code_predictor import greedy
 from qomni.models.layers import KVCache
 from qomni.models.rope import decode_positions
 from qomni.models.talker import Talker
 from qomni.models.thinker import TextModel, Thinker
+from qomni.sampling import Sampler
 
 
 class StaticRows:
@@ -103,7 +106,8 @@ class ThinkerDecodeStep(DecodeInputs):
 
 class TalkerStep(DecodeInputs):
     """One talker frame for B rows: the code predictor's 15 steps finish the frame whose code0
-    was chosen (greedily), then the talker steps on the frame's codec embedding plus the
+    was chosen (greedily, or, when `sampled`, each row with its own settings and counter-based
+    noise: device_sampling.py), then the talker steps on the frame's codec embedding plus the
     trailing text.
 
     Inputs: hidden [B, D] (the talker hidden that chose code0), code0 [B], text [B, D] (trailing
@@ -111,7 +115,8 @@ class TalkerStep(DecodeInputs):
     last only finishes it) and in which cache row. Outputs: codes [B, G], the next hidden [B, D] and its codebook-0
     logits [B, V] (float32, suppressed ids at -inf)."""
 
-    def __init__(self, talker: Talker, cache: KVCache, batch: int, n_keys: int):
+    def __init__(self, talker: Talker, cache: KVCache, batch: int, n_keys: int,
+                 sampled: bool = False):
         super().__init__(cache, batch, n_keys)
         self.talker = talker
         w = talker.codec_head.weight
@@ -123,12 +128,20 @@ class TalkerStep(DecodeInputs):
         self.next_hidden = torch.zeros(batch, d, dtype=w.dtype, device=w.device)
         self.logits = torch.zeros(batch, talker.cfg.text.vocab_size, device=w.device)
         self.go = HostInput(torch.zeros(batch, dtype=torch.long, device=w.device))
+        # Sampling: each row's settings, and its frame number (the noise counter's base).
+        self.sampling = RowSampling(batch, w.device) if sampled else None
+        self.frame = HostInput(torch.zeros(batch, dtype=torch.long, device=w.device))
 
     def load_frames(self, hidden: torch.Tensor, code0: torch.Tensor, text: torch.Tensor | None,
-                    go: Sequence[int], rows: Sequence[int], deltas: Sequence[float]) -> None:
+                    go: Sequence[int], rows: Sequence[int], deltas: Sequence[float],
+                    samplers: Sequence[Sampler] = (), frames: Sequence[int] = ()) -> None:
         """hidden [n, D], code0 [n] for the n frames to finish; frames `go` (indices into the
-        n) take a talker step with text [m, D], in talker cache `rows` (deltas: theirs)."""
+        n) take a talker step with text [m, D], in talker cache `rows` (deltas: theirs).
+        Sampled steps: each frame's code-predictor sampler and its number in its utterance."""
         n = hidden.shape[0]
+        if self.sampling is not None:
+            self.sampling.load(samplers)
+            self.frame.fill(frames, 0)
         fill_rows(self.hidden, hidden)
         fill_rows(self.code0, code0)
         row_of, delta_of, valid = [0] * n, [0.0] * n, [False] * n
@@ -153,7 +166,15 @@ class TalkerStep(DecodeInputs):
 
     def compute(self) -> None:
         talker = self.talker
-        codes, codec_next = talker.predict_residuals(self.hidden, self.code0, greedy)
+        sample = greedy
+        if self.sampling is not None:
+            draws = iter(range(talker.cfg.num_code_groups - 1))  # the frame's 15 draws
+            base = self.frame.buffer * (talker.cfg.num_code_groups - 1)
+
+            def sample(logits: torch.Tensor) -> torch.Tensor:
+                return self.sampling.sample(logits, base + next(draws))
+
+        codes, codec_next = talker.predict_residuals(self.hidden, self.code0, sample)
         hidden = self.run_layers(talker.model, (codec_next + self.text)[:, None])
         self.codes.copy_(codes)
         self.next_hidden.copy_(hidden)
@@ -193,12 +214,16 @@ class StaticTalker:
     @torch.inference_mode()
     def talk(self, hidden: torch.Tensor, code0: torch.Tensor, text: torch.Tensor | None,
              go: Sequence[int], rows: Sequence[int], rope_deltas: Sequence[float],
-             longest: int) -> TalkerStep:
+             longest: int, samplers: Sequence[Sampler] | None = None,
+             frames: Sequence[int] = ()) -> TalkerStep:
         """Finish n frames (hidden [n, D], code0 [n]) and step the talker for frames `go`
         (text [m, D]; rows, rope_deltas: m each; `longest`: the most entries of these rows after
-        the step). Returns the step: `codes[:n]`, and `next_hidden`, `logits` at `go`."""
-        key = (bucket_for(hidden.shape[0]), key_bucket(longest, self.cache.max_len + 1))
+        the step). The code predictor is greedy, or, with `samplers` (n, one per frame, and
+        `frames`: each frame's number in its utterance), samples on the device. Returns the
+        step: `codes[:n]`, and `next_hidden`, `logits` at `go` (`at_go`)."""
+        sampled = samplers is not None and not all(s.all_greedy for s in samplers)
+        key = (bucket_for(hidden.shape[0]), key_bucket(longest, self.cache.max_len + 1), sampled)
         step = self.graphs.get(key, lambda: TalkerStep(self.talker, self.cache, *key))
-        step.load_frames(hidden, code0, text, go, rows, rope_deltas)
+        step.load_frames(hidden, code0, text, go, rows, rope_deltas, samplers or (), frames)
         self.graphs.run(key)
         return step
