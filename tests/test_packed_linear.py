@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from qomni.models.packed_linear import PackedLinear, pack_linears
+from qomni.models.packed_linear import PackedLinear, native_bf16, pack_linears, packed_dtypes
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
 
@@ -41,3 +41,18 @@ def test_omni_load_packs_on_cpu(omni_tiny):
     omni = omni_tiny("a")
     assert isinstance(omni.model.thinker.lm_head, PackedLinear)
     assert omni.device.type == "cpu" and omni.dtype == torch.float32
+
+
+@pytest.mark.skipif(not native_bf16(), reason="the CPU has no bf16 matrix instructions")
+def test_bf16_packed_where_the_cpu_has_bf16_matmul():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(5, 64).bfloat16()
+    model = nn.Sequential(lin)
+    assert torch.bfloat16 in packed_dtypes()
+    with torch.inference_mode():
+        want = lin(x).float()
+        assert pack_linears(model, packed_dtypes()) == 1
+        got = model[0](x)
+    assert isinstance(model[0], PackedLinear) and got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 0.02 * want.abs().max()

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from qomni.config import TextConfig
-from qomni.models.moe import SparseMoE
+from qomni.models.moe import Experts, SparseMoE
 from qomni.models.packed_linear import PackedLinear
 from qomni.quant.experts import QuantExperts
 from qomni.quant.linear import QuantEmbedding, QuantLinear
@@ -169,7 +169,7 @@ def param_count(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, (PackedLinear, QuantLinear)):
             held += m.in_features * m.out_features
-        elif isinstance(m, QuantExperts):
+        elif isinstance(m, QuantExperts) or (isinstance(m, Experts) and m.packed is not None):
             held += 3 * m.num_experts * m.hidden * m.intermediate
         elif isinstance(m, QuantEmbedding):
             held += m.num_embeddings * m.embedding_dim
@@ -189,11 +189,8 @@ def weight_bytes(module: nn.Module, tokens: int = 1) -> float:
         if isinstance(m, SparseMoE):
             e = m.experts.num_experts
             used = e * (1 - (1 - m.top_k / e) ** tokens)
-            if isinstance(m.experts, QuantExperts):
-                total += m.experts.weight_nbytes() * used / e
-            for p in m.experts.parameters():
-                total += _nbytes(p) * used / e
-                partial_ids.add(id(p))
+            total += m.experts.weight_nbytes() * used / e  # packed, quantized or parameters
+            partial_ids.update(id(p) for p in m.experts.parameters())
         elif isinstance(m, nn.Embedding):
             total += tokens * m.weight.shape[1] * m.weight.element_size()
             partial_ids.add(id(m.weight))
