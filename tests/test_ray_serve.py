@@ -221,8 +221,9 @@ def test_a_realtime_session_stays_on_its_replica(cluster):
     after = cluster.replicas()
     grew = {rid: after[rid]["pinned_calls"] - before[rid]["pinned_calls"] for rid in after}
     home = max(grew, key=grew.get)
-    # Each turn: a prefix opened when its audio starts, grown per finished window, a response.
-    assert grew[home] >= 6
+    # Each turn: a prefix opened when its audio starts (grown per finished window), then a
+    # response; the session's first call picks its replica, every later one is pinned there.
+    assert grew[home] >= 5
     assert all(after[r]["requests"] == before[r]["requests"] for r in after if r != home)
     assert after[home]["requests"] - before[home]["requests"] == 3
     assert cached[-1] > 0  # the prefix prefilled on that replica was continued

@@ -26,6 +26,7 @@ from typing import Any
 from ray import exceptions as ray_errors
 from ray.serve.handle import DeploymentHandle
 
+from qomni.cancel import check_cancelled
 from qomni.serve_ray.replica import ReplicaGone
 from qomni.server.wire import APIError
 
@@ -81,6 +82,7 @@ class ReplicatedOmni:
 
     async def astream(self, messages: list[dict], **kwargs: Any) -> AsyncIterator[Any]:
         prefix, kwargs = _take(kwargs, "prefix")
+        kwargs.pop("mel_cache", None)  # this process's log-mel blocks: the replica has its own
         for retry in (False, True):
             home = self._target(prefix)
             pid = prefix.pid if prefix is not None and prefix.replica == home else None
@@ -111,7 +113,12 @@ class ReplicatedOmni:
 
     def open_prefix(self, messages: list[dict], *, replaces: RemotePrefix | None = None,
                     **kwargs: Any) -> RemotePrefix:
-        """Blocking (the server calls it from a worker thread)."""
+        """Blocking (the server calls it from a worker thread). `cancel` and `mel_cache` are
+        objects of this process: the replica computes its own log-mel, and a cancelled session
+        opens nothing."""
+        cancel = kwargs.pop("cancel", None)
+        kwargs.pop("mel_cache", None)
+        check_cancelled(cancel)
         try:
             return self._open_prefix(messages, replaces, kwargs)
         except ReplicaGone:

@@ -18,6 +18,7 @@ the prefix's row and the cached blocks.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import threading
@@ -119,7 +120,10 @@ class TurnPrefill:
                                  literal_text=self.literal_text, mel_cache=self.mel,
                                  cancel=self._cancel)
         self.prefix = None  # handed over: replaced, or closed if the build fails
-        done = asyncio.get_running_loop().run_in_executor(None, call)
+        # The worker runs in this task's context (as asyncio.to_thread would): what a context
+        # variable says of the session (e.g. the replica it is pinned to) holds there too.
+        context = contextvars.copy_context()
+        done = asyncio.get_running_loop().run_in_executor(None, context.run, call)
         try:
             self.prefix = await asyncio.shield(done)
         except asyncio.CancelledError:  # the event loop is going away: free what it makes
