@@ -6,7 +6,7 @@ uncaptured: the same code a CUDA graph records."""
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from reference import audible_vocoder
 
 from qomni import Omni, SamplingParams
 from qomni.engine.config import EngineConfig
@@ -162,25 +162,6 @@ def test_sampled_speech_draws_on_the_device(engines):
         assert t.token_ids == eager.generate(conv, max_new_tokens=5, return_audio=False).token_ids
 
 
-def _audible(model: Code2Wav) -> Code2Wav:
-    """Weights at their modules' initial scale (test_code2wav's): the tiny checkpoint's vocoder
-    is near silent."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, (nn.Linear, nn.Conv1d, nn.ConvTranspose1d, nn.Embedding,
-                                nn.LayerNorm)):
-                mod.reset_parameters()
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("alpha", "beta"):  # SnakeBeta, log space
-                p.normal_(0.0, 0.5)
-            elif leaf in ("gamma", "scale"):
-                p.uniform_(0.2, 1.0)
-            elif "norm" in name and leaf == "weight":
-                p.normal_(1.0, 0.1)
-        model.decoder[-1].conv.weight.mul_(0.25)  # keep most samples inside the clamp
-    return model
 
 
 def test_vocoder_chunks_equal_the_stream(omni_tiny):
@@ -188,7 +169,8 @@ def test_vocoder_chunks_equal_the_stream(omni_tiny):
     static chunks: together (a padded bucket), at different frames (past the 71-frame window
     for one), alone: every sample equals the eager stream's."""
     cfg = omni_tiny("a").config.code2wav
-    model = _audible(Code2Wav(cfg).eval())
+    torch.manual_seed(0)
+    model = audible_vocoder(Code2Wav(cfg).eval())
     g = cfg.num_quantizers
     codes = torch.randint(0, cfg.codebook_size, (3, g, 120), generator=torch.Generator()
                           .manual_seed(1))
