@@ -121,3 +121,17 @@ def audible_vocoder(model: torch.nn.Module) -> torch.nn.Module:
                 p.normal_(1.0, 0.1)
         model.decoder[-1].conv.weight.mul_(0.25)  # keep most samples inside the clamp
     return model
+
+
+def loaded_network(path) -> torch.nn.Module:
+    """A checkpoint read by qomni's loader into its network, before any CPU kernel packing
+    (`Omni.load` packs the experts for oneDNN and drops their stacked parameters)."""
+    from qomni.config import OmniConfig
+    from qomni.models.model import OmniModel
+    from qomni.weights import load_weights, meta_parameters
+
+    cfg = OmniConfig.from_hf(path)
+    with meta_parameters():
+        net = OmniModel(cfg, cfg.has_audio_output)
+    load_weights(net, path, dtype=torch.float32, device="cpu", progress=False)
+    return net.eval()

@@ -3,6 +3,7 @@ matched, and both implementations compute the same logits from it."""
 
 import pytest
 import torch
+from reference import loaded_network
 
 from qomni import Omni
 from qomni.tiny import make_tiny
@@ -21,8 +22,7 @@ def test_transformers_loads_every_key(tiny):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not info["mismatched_keys"]
     # qomni's weights made it through: an expert of the last thinker layer, stacked by transformers
-    omni = Omni.load(tiny, dtype="float32", device="cpu", progress=False)
-    ours = omni.model.thinker.model.layers[-1].mlp.experts.gate_up_proj
+    ours = loaded_network(tiny).thinker.model.layers[-1].mlp.experts.gate_up_proj
     theirs = model.thinker.model.language_model.layers[-1].mlp.experts.gate_up_proj
     assert torch.equal(ours, theirs)
 

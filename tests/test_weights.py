@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from reference import loaded_network
 from safetensors.torch import load_file, save_file
 
 from qomni import Omni
@@ -57,10 +58,9 @@ def test_sharded_and_single_file_give_same_model(tiny, tmp_path):
 
 
 def test_experts_are_stacked_from_per_expert_keys(tiny):
-    omni = _load(tiny)
     file, _ = _shard_with(tiny, "thinker.model.layers.1.mlp.experts.3.up_proj.weight")
     raw = load_file(file)
-    layer = omni.model.thinker.model.layers[1].mlp.experts
+    layer = loaded_network(tiny).thinker.model.layers[1].mlp.experts
     inter = raw["thinker.model.layers.1.mlp.experts.3.up_proj.weight"].shape[0]
     assert torch.equal(layer.gate_up_proj[3, inter:], raw["thinker.model.layers.1.mlp.experts.3.up_proj.weight"])
 
