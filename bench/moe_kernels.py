@@ -17,7 +17,10 @@ Methods:
 - loop plain: as loop packed on slices of the stacked weights (`F.linear`)
 - dense packed: every expert for every token, as two oneDNN matmuls over all experts' weights
   joined (unrouted experts weighted 0): no grouping at all, but all weights read
-- qomni: what `qomni.models.moe.Experts` runs now
+- dense plain / loop slices: the same on unpacked weights (one buffer serving both)
+- dense fused / loop fused: SiLU and the product as oneDNN post-ops of separate gate and up
+  matmuls
+- qomni: what `qomni.models.moe.Experts` runs on CPU (packed: one token, joined or per expert)
 """
 
 from __future__ import annotations
@@ -101,76 +104,15 @@ def dense_packed(gate_up, down):
     return run
 
 
-def qomni_experts(gate_up, down):
+def qomni_experts(gate_up, down, top_k):
     from qomni.models.moe import Experts
 
     e, two_i, d = gate_up.shape
     mod = Experts(e, d, two_i // 2).to(gate_up.dtype)
     mod.gate_up_proj.data.copy_(gate_up)
     mod.down_proj.data.copy_(down)
-    if hasattr(mod, "prepare"):
-        mod.prepare()
+    mod.pack(top_k)
     return mod
-
-
-METHODS: dict[str, Callable] = {
-    "qomni": qomni_experts,
-    "grouped": grouped,
-    "loop packed": lambda g, d: loop(g, d, True),
-    "loop plain": lambda g, d: loop(g, d, False),
-    "dense packed": dense_packed,
-}
-
-
-def measure(shape: str, dtype: torch.dtype, tokens: list[int], layers: int, rounds: int,
-            names: list[str]) -> None:
-    e, k, d, i = SHAPES[shape]
-    weights = [(torch.randn(e, 2 * i, d, dtype=dtype) * d ** -0.5,
-                torch.randn(e, d, i, dtype=dtype) * i ** -0.5) for _ in range(layers)]
-    methods = {n: [METHODS[n](g, dn) for g, dn in weights] for n in names}
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-    for t in tokens:
-        x = torch.randn(t, d, dtype=dtype)
-        probs = torch.softmax(torch.randn(t, e), -1)
-        w, experts = torch.topk(probs, k, -1)
-        w = (w / w.sum(-1, keepdim=True)).to(dtype)
-        ref = None
-        for name, fns in methods.items():  # warm-up and check
-            y = fns[0](x, experts, w).float()
-            ref = y if ref is None else ref
-            err = (y - ref).abs().max().item()
-            if err > tol * max(1.0, ref.abs().max().item()):
-                raise AssertionError(f"{name} differs from {names[0]} by {err:.3g}")
-        best = {name: float("inf") for name in methods}
-        for _ in range(rounds):
-            for name, fns in methods.items():
-                t0 = time.perf_counter()
-                for fn in fns:
-                    fn(x, experts, w)
-                best[name] = min(best[name], (time.perf_counter() - t0) / len(fns))
-        base = best[names[0]]
-        print(f"\n{shape} (E {e}, top-{k}, D {d}, I {i}) {dtype}, {t} token(s), best of "
-              f"{rounds}, per layer:")
-        for name, s in best.items():
-            print(f"  {name:14s} {s * 1e3:8.3f} ms  {base / s:5.2f}x {names[0]}")
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="medium", choices=list(SHAPES))
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 160])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s)")
-    with torch.inference_mode():
-        measure(args.shape, getattr(torch, args.dtype), args.tokens, args.layers, args.rounds,
-                args.methods)
-
 
 
 def dense_plain(gate_up, down):
@@ -202,10 +144,6 @@ def dense_plain(gate_up, down):
                 start += n
         return x.new_zeros(t, x.shape[1]).index_add_(0, token, out * weights.reshape(-1)[order, None])
     return run, loop_run
-
-
-METHODS["dense plain"] = lambda g, d: dense_plain(g, d)[0]
-METHODS["loop slices"] = lambda g, d: dense_plain(g, d)[1]
 
 
 def _swish(x, w):
@@ -258,8 +196,68 @@ def fused(gate_up, down, dense: bool):
     return run_loop
 
 
-METHODS["dense fused"] = lambda g, d: fused(g, d, True)
-METHODS["loop fused"] = lambda g, d: fused(g, d, False)
+METHODS: dict[str, Callable] = {
+    "qomni": None,  # needs top-k: built in measure()
+    "grouped": grouped,
+    "loop packed": lambda g, d: loop(g, d, True),
+    "loop plain": lambda g, d: loop(g, d, False),
+    "dense packed": dense_packed,
+    "dense plain": lambda g, d: dense_plain(g, d)[0],
+    "loop slices": lambda g, d: dense_plain(g, d)[1],
+    "dense fused": lambda g, d: fused(g, d, True),
+    "loop fused": lambda g, d: fused(g, d, False),
+}
+
+
+def measure(shape: str, dtype: torch.dtype, tokens: list[int], layers: int, rounds: int,
+            names: list[str]) -> None:
+    e, k, d, i = SHAPES[shape]
+    weights = [(torch.randn(e, 2 * i, d, dtype=dtype) * d ** -0.5,
+                torch.randn(e, d, i, dtype=dtype) * i ** -0.5) for _ in range(layers)]
+    methods = {n: [qomni_experts(g, dn, k) if n == "qomni" else METHODS[n](g, dn)
+                   for g, dn in weights] for n in names}
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for t in tokens:
+        x = torch.randn(t, d, dtype=dtype)
+        probs = torch.softmax(torch.randn(t, e), -1)
+        w, experts = torch.topk(probs, k, -1)
+        w = (w / w.sum(-1, keepdim=True)).to(dtype)
+        ref = None
+        for name, fns in methods.items():  # warm-up and check
+            y = fns[0](x, experts, w).float()
+            ref = y if ref is None else ref
+            err = (y - ref).abs().max().item()
+            if err > tol * max(1.0, ref.abs().max().item()):
+                raise AssertionError(f"{name} differs from {names[0]} by {err:.3g}")
+        best = {name: float("inf") for name in methods}
+        for _ in range(rounds):
+            for name, fns in methods.items():
+                t0 = time.perf_counter()
+                for fn in fns:
+                    fn(x, experts, w)
+                best[name] = min(best[name], (time.perf_counter() - t0) / len(fns))
+        base = best[names[0]]
+        print(f"\n{shape} (E {e}, top-{k}, D {d}, I {i}) {dtype}, {t} token(s), best of "
+              f"{rounds}, per layer:")
+        for name, s in best.items():
+            print(f"  {name:14s} {s * 1e3:8.3f} ms  {base / s:5.2f}x {names[0]}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="medium", choices=list(SHAPES))
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 160])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s)")
+    with torch.inference_mode():
+        measure(args.shape, getattr(torch, args.dtype), args.tokens, args.layers, args.rounds,
+                args.methods)
 
 
 if __name__ == "__main__":

@@ -277,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--speaker", help="voice for --output: Ethan (default), Chelsie, Aiden")
     g.add_argument("--max-audio-frames", type=int,
                    help="cap on speech length in 80 ms frames (default: the checkpoint's)")
-    g.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, "
-                   "fp32 on CPU)")
+    g.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU and on "
+                   "CPUs with bf16 matrix instructions, else fp32)")
     g.add_argument("--device", help="cpu | cuda | cuda:N")
     g.add_argument("--stage-devices", metavar="SPEC", help=STAGE_DEVICES_HELP)
     g.add_argument("--quantization", help=QUANTIZATION_HELP)
@@ -353,8 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time every stage against its hardware floor")
     b.add_argument("--model", help="checkpoint directory or cached hub id (default: a random "
                    "checkpoint with the real widths and a shallow depth, built once and cached)")
-    b.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU, "
-                   "fp32 on CPU)")
+    b.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on GPU and on "
+                   "CPUs with bf16 matrix instructions, else fp32)")
     b.add_argument("--device", help="cpu | cuda | cuda:N")
     b.add_argument("--quantization", help=QUANTIZATION_HELP)
     b.add_argument("--quick", action="store_true", help="small prompt, few steps (a smoke run)")

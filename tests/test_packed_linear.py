@@ -56,3 +56,14 @@ def test_bf16_packed_where_the_cpu_has_bf16_matmul():
         got = model[0](x)
     assert isinstance(model[0], PackedLinear) and got.dtype == torch.bfloat16
     assert (got.float() - want).abs().max() <= 0.02 * want.abs().max()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_default_dtype_is_bf16_on_cpus_with_bf16_matmul(monkeypatch, native):
+    from qomni import loading
+
+    monkeypatch.setattr(loading, "native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert loading.resolve_dtype(None, cpu) == (torch.bfloat16 if native else torch.float32)
+    assert loading.resolve_dtype("float32", cpu) == torch.float32  # explicit stays as given
+    assert loading.resolve_dtype(None, torch.device("cuda")) == torch.bfloat16

@@ -132,7 +132,7 @@ QUICK = Settings(audio_seconds=4.0, image_size=224, decode_tokens=6, talker_fram
 @dataclasses.dataclass(frozen=True)
 class Load:
     """How a backend loads the checkpoint; options that change loading belong here."""
-    dtype: str | None = None  # None: bf16 on GPU, fp32 on CPU
+    dtype: str | None = None  # None: as Omni.load (bf16 on GPU and bf16-capable CPUs)
     device: str | None = None  # None: cuda when there is one
     quantization: str | None = None  # Omni.load's quantization (qomni only)
 

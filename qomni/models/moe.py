@@ -7,14 +7,14 @@ The checkpoint stores one tensor per expert; the loader stacks them into `gate_u
 
 On CPU `Experts.pack` replaces those by oneDNN-packed weights (bench/moe_kernels.py measures the
 choices; medium thinker, 2-core Zen 5, per layer, fp32 / bf16):
-- one token: its k experts' matmuls, nothing else read or grouped (0.36 / 0.28 ms against the
-  grouped GEMM's 0.56 / 0.43 ms);
+- one token: its k experts' matmuls, nothing else read or grouped (0.26 / 0.21 ms against the
+  grouped GEMM's 0.43 / 0.34 ms);
 - a few tokens, when experts are few for k (E <= 4k: a batch of decode tokens picks nearly all
   of them): all experts as two matmuls over their joined weights, unpicked experts weighted 0
-  (8 tokens: 0.63 / 0.36 ms against 5.9 / 2.0 ms). It reads every expert and runs E/k times the
+  (8 tokens: 0.59 / 0.29 ms against 1.65 / 1.19 ms). It reads every expert and runs E/k times the
   FLOPs, so only up to DENSE_MAX_TOKENS tokens;
 - otherwise (prefill, many experts): the tokens grouped by expert once, each picked expert's two
-  matmuls on its own packed weights (160 tokens: 2.3 / 5.7 ms against 3.9 / 6.0 ms).
+  matmuls on its own packed weights (160 tokens: 2.4 / 1.9 ms against 4.0 / 2.1 ms).
 """
 
 from __future__ import annotations
