@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from qomni.config import OmniConfig
+from qomni.engine.config import EngineConfig
 from qomni.sampling import SamplingParams
 from qomni.tiny import TINY_CONFIG, cached_checkpoint, make_tiny, user_cache
 
@@ -68,7 +69,7 @@ SHALLOW_DEPTH: dict[str, Any] = {
 BUILD_VERSION = 1  # bump when the checkpoint written here changes
 
 # The engine's default vocoder chunks (frames): a small first chunk for latency, then larger.
-FIRST_CHUNK, CHUNK = 1, 25
+FIRST_CHUNK, CHUNK = EngineConfig().first_chunk_frames, EngineConfig().chunk_frames
 # = the reference's generate(talker_do_sample=False): greedy with its repetition penalty.
 GREEDY_TALKER = SamplingParams(temperature=0.0, repetition_penalty=1.05)
 SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
