@@ -143,7 +143,7 @@ def prepare(state: AppState, req: ChatCompletionRequest) -> Job:
         raise APIError(400, "stream_options needs stream=true", param="stream_options")
     n_media = count_media(req.messages)
     if n_media > limits.max_media_items:
-        raise APIError(400, f"{n_media} media items; at most {limits.max_media_items} per "
+        raise APIError(400, f"messages: {n_media} media items; at most {limits.max_media_items} per "
                        "request", param="messages")
     max_new = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
     if max_new > limits.max_tokens:
@@ -159,14 +159,14 @@ def prepare(state: AppState, req: ChatCompletionRequest) -> Job:
     if req.wants_audio and not omni.model.audio_output:
         raise APIError(400, "this model cannot produce audio (no talker loaded); ask for "
                        "modalities ['text']", param="modalities")
-    voice = req.voice_name
+    param, voice = req.voice_field
     if voice is not None:
         if talker is None:
-            raise APIError(400, "this model has no voices", param="audio.voice")
+            raise APIError(400, f"{param}: this model has no voices", param=param)
         try:
             talker.speaker(voice)
         except ValueError as e:
-            raise APIError(400, str(e), param="audio.voice", code="invalid_voice") from None
+            raise APIError(400, f"{param}: {e}", param=param, code="invalid_voice") from None
         options["speaker"] = voice
     if req.max_audio_frames is not None and req.max_audio_frames > limits.max_audio_frames:
         raise APIError(400, f"max_audio_frames {req.max_audio_frames} is over this server's "

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qomni.omni import Omni
+from qomni.server import openapi
 from qomni.server.chat import as_api_error, chat_completions
 from qomni.server.guard import Guard
 from qomni.server.limits import Limits
@@ -69,7 +70,8 @@ def create_app(omni: Omni, *, model_name: str | None = None, api_key: str | None
         admission=Admission(omni, limits.max_pending, memory),
         origins=OriginPolicy(allowed_origins), memory=memory)
 
-    app = FastAPI(title="qomni", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="qomni", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    openapi.install(app)
     app.state.qomni = state
     app.add_middleware(Guard, limits=limits, metrics=state.metrics, origins=state.origins)
     app.add_exception_handler(APIError, _api_error)

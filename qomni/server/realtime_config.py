@@ -149,7 +149,7 @@ def decode_b64(v: Any, name: str) -> bytes:
 
 def _modalities(v: Any, name: str) -> bool:
     """Output modalities -> speak? (audio always comes with its transcript)."""
-    if not isinstance(v, list) or not v or not set(v) <= {"text", "audio"}:
+    if not isinstance(v, list) or not v or not all(m in ("text", "audio") for m in v):
         raise RealtimeError(f"{name} must be a non-empty list of 'text' and 'audio'", param=name)
     return "audio" in v
 

@@ -114,7 +114,11 @@ def item_from_event(it: Any, pending_images: list[bytes], input_rate: int, media
                 raise RealtimeError(f"{name}.text must be a string", param=f"{name}.text")
             texts.append(c["text"])
         elif kind in ("audio", "output_audio") and role == "assistant":
-            texts.append(c.get("transcript") or "")
+            transcript = c.get("transcript")
+            if transcript is not None and not isinstance(transcript, str):
+                raise RealtimeError(f"{name}.transcript must be a string",
+                                    param=f"{name}.transcript")
+            texts.append(transcript or "")
         elif kind == "input_audio" and role == "user":
             data = decode_b64(c.get("audio"), f"{name}.audio")
             if len(data) % 2:

@@ -255,7 +255,16 @@ class ChatCompletionRequest(_Loose):
 
     @property
     def voice_name(self) -> str | None:
-        return (self.audio.voice if self.audio else None) or self.speaker or self.voice
+        return self.voice_field[1]
+
+    @property
+    def voice_field(self) -> tuple[str, str | None]:
+        """(the field errors name, the voice asked for): `audio.voice`, else an alias."""
+        for param, voice in (("audio.voice", self.audio.voice if self.audio else None),
+                             ("speaker", self.speaker), ("voice", self.voice)):
+            if voice:
+                return param, voice
+        return "audio.voice", None
 
     @property
     def audio_format(self) -> str:
