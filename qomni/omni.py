@@ -292,6 +292,13 @@ class Omni:
             out.sample_rate = self.config.code2wav.sample_rate
         return out
 
+    def engine_occupancy(self) -> dict[str, int]:
+        """`Engine.occupancy()`; all zeros before the engine has started."""
+        loop = self._engine_loop
+        if loop is None:
+            return dict.fromkeys(("waiting", "running", "prefixes", "rows_in_use"), 0)
+        return loop.engine.occupancy()
+
     def _loop(self) -> EngineLoop:
         with self._loop_lock:
             if self._engine_loop is None:

@@ -58,6 +58,14 @@ class Engine:
     waiting = property(lambda self: self.sched.waiting)
     running = property(lambda self: self.sched.running)
     prefixes = property(lambda self: self.sched.prefixes)
+
+    def occupancy(self) -> dict[str, int]:
+        """What the engine holds now: requests waiting and running, prompt prefixes, and cache
+        rows in use (requests' and prefixes'), for /metrics. Read from another thread: a
+        snapshot, each count exact when it was read."""
+        sched, rows = self.sched, self.config.max_num_seqs
+        return {"waiting": len(sched.waiting), "running": len(sched.running),
+                "prefixes": len(sched.prefixes), "rows_in_use": rows - len(sched.free_rows)}
     free_rows = property(lambda self: self.sched.free_rows)
     free_talker_rows = property(lambda self: self.sched.free_talker_rows)
     cache = property(lambda self: self.runner.cache)

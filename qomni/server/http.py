@@ -70,6 +70,7 @@ def create_app(omni: Omni, *, model_name: str | None = None, api_key: str | None
         admission=Admission(omni, limits.max_pending, memory),
         origins=OriginPolicy(allowed_origins), memory=memory)
 
+    state.metrics.watch(omni)
     app = FastAPI(title="qomni", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     openapi.install(app)
     app.state.qomni = state

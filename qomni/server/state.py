@@ -48,6 +48,16 @@ class Metrics:
         self.latency = Histogram("qomni_request_duration_seconds", "chat completion duration",
                                  buckets=buckets, registry=r)
 
+    def watch(self, omni: Omni) -> None:
+        """Gauges of what `omni`'s engine holds, read at each scrape: a server that has gone
+        quiet must show zeros (rows, prefixes and requests all freed)."""
+        for key, doc in (("waiting", "requests waiting for a cache row"),
+                         ("running", "requests in the engine's batch"),
+                         ("prefixes", "prompt prefixes held (realtime turns read ahead)"),
+                         ("rows_in_use", "KV-cache rows held by requests and prefixes")):
+            gauge = Gauge(f"qomni_engine_{key}", doc, registry=self.registry)
+            gauge.set_function(lambda key=key: omni.engine_occupancy()[key])
+
 
 class Transcripts:
     """What each audio reply said, by its audio id, so a later turn can cite the id (OpenAI's
