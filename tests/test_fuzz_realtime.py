@@ -29,7 +29,7 @@ from qomni.server.realtime_conversation import Item, item_from_event, item_json
 from qomni.server.realtime_session import Session, _parse_event
 from qomni.tiny import make_tiny
 
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 phases=[Phase.explicit, Phase.generate],
                 suppress_health_check=list(HealthCheck))
 

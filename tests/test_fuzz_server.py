@@ -67,8 +67,8 @@ def openai_error(response) -> None:
 # schemathesis's own pytest integration (`from_fixture`) does not run under pytest 9: the cases
 # are drawn from its strategies with hypothesis's `data()` instead.
 # Negative cases only where the schema can be broken (a path parameter is any string).
-ROUTES = [("POST", "/v1/chat/completions", GenerationMode.POSITIVE, 40),
-          ("POST", "/v1/chat/completions", GenerationMode.NEGATIVE, 40),
+ROUTES = [("POST", "/v1/chat/completions", GenerationMode.POSITIVE, 100),
+          ("POST", "/v1/chat/completions", GenerationMode.NEGATIVE, 100),
           ("GET", "/v1/models/{model_id}", GenerationMode.POSITIVE, 5),
           ("GET", "/v1/models", GenerationMode.POSITIVE, 1),
           ("GET", "/health", GenerationMode.POSITIVE, 1)]
