@@ -67,3 +67,24 @@ def test_default_dtype_is_bf16_on_cpus_with_bf16_matmul(monkeypatch, native):
     assert loading.resolve_dtype(None, cpu) == (torch.bfloat16 if native else torch.float32)
     assert loading.resolve_dtype("float32", cpu) == torch.float32  # explicit stays as given
     assert loading.resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
+
+
+def test_bf16_is_computed_in_fp32_on_cpus_without_bf16_matmul(monkeypatch, hf_tiny, omni_tiny):
+    from qomni import Omni, loading
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(loading, "native_bf16", lambda: False)
+    assert loading.compute_dtype(torch.bfloat16, [cpu], quantized=False) == torch.float32
+    assert loading.compute_dtype(torch.bfloat16, [cpu], quantized=True) == torch.bfloat16
+    assert loading.compute_dtype(torch.bfloat16, [cpu, cuda], quantized=False) == torch.bfloat16
+    assert loading.compute_dtype(torch.float16, [cpu], quantized=False) == torch.float16
+    monkeypatch.setattr(loading, "native_bf16", lambda: True)
+    assert loading.compute_dtype(torch.bfloat16, [cpu], quantized=False) == torch.bfloat16
+
+    monkeypatch.setattr(loading, "native_bf16", lambda: False)
+    ours = Omni.load(hf_tiny()[0], dtype="bfloat16", device="cpu", progress=False)
+    assert ours.dtype == torch.float32  # computed in fp32, from weights rounded to bf16
+    embed = [o.model.thinker.model.embed_tokens.weight for o in (ours, omni_tiny())]
+    w, w32 = embed
+    assert torch.equal(w, w32.to(torch.bfloat16).float())
+    assert not torch.equal(w, w32)  # rounded: not the fp32 weights
