@@ -91,7 +91,7 @@ def test_thinker_states_are_handed_to_the_talker_device(placed):
     """Every per-token state the talker reads goes through the runner's hand-off: the prompt's
     embeddings and accept-layer states, and each generated token's embedding."""
     _, two = placed
-    runner = two._loop().engine.runner
+    runner = two._loop().engine.talker.runner
     assert runner.talker_device == CPU and runner.talker_cache.k.device == CPU
     moved = []
     hand_off = runner.to_talker

@@ -23,7 +23,7 @@ class Pre:
 @dataclass(eq=False)
 class Seq:
     name: str
-    speaks: bool = False
+    talks: bool = False
     prefix: Pre | None = None
     row: int | None = None
     talker_row: int | None = None
@@ -53,7 +53,7 @@ def test_admission_is_in_arrival_order_and_rows_are_reused():
 
 def test_a_speaking_request_waits_for_a_talker_row_and_keeps_the_queue_in_order():
     s = Scheduler(rows=3, talker_rows=1)
-    a, b, c = Seq("a", speaks=True), Seq("b", speaks=True), Seq("c")
+    a, b, c = Seq("a", talks=True), Seq("b", talks=True), Seq("c")
     for x in (a, b, c):
         s.add(x)
     assert s.admit() == [a] and a.talker_row == 0
@@ -66,7 +66,7 @@ def test_a_speaking_request_waits_for_a_talker_row_and_keeps_the_queue_in_order(
 
 def test_abort_of_waiting_and_running_requests_frees_their_rows():
     s = Scheduler(rows=1, talker_rows=1)
-    a, b = Seq("a", speaks=True), Seq("b")
+    a, b = Seq("a", talks=True), Seq("b")
     s.add(a)
     s.add(b)
     s.admit()
@@ -154,7 +154,7 @@ def test_a_prefix_whose_base_is_not_ready_starts_alone():
 @pytest.mark.parametrize("rows", [1, 3])
 def test_every_row_comes_back(rows):
     s = Scheduler(rows=rows, talker_rows=rows)
-    seqs = [Seq(str(i), speaks=i % 2 == 0) for i in range(7)]
+    seqs = [Seq(str(i), talks=i % 2 == 0) for i in range(7)]
     for x in seqs:
         s.add(x)
     while s.waiting or s.running:

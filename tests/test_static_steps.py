@@ -108,12 +108,13 @@ def test_static_engine_equals_generate(engines, n):
     """n requests with speech (bucket 4 or 8: padding rows), lengths and frame caps apart, so
     rows leave the batch at different steps: the same tokens and codes, and the same audio."""
     eager, static = engines
-    runner = static._loop().engine.runner
-    assert runner.static is not None and runner.talker_static is not None
+    engine = static._loop().engine
+    runner, talker = engine.runner, engine.talker.runner
+    assert runner.static is not None and talker.talker_static is not None
     calls = {"decode": [], "talk": [], "vocode": []}
     _spy(runner.static, "decode", calls["decode"])
-    _spy(runner.talker_static, "talk", calls["talk"])
-    _spy(runner.vocoder, "push", calls["vocode"])
+    _spy(talker.talker_static, "talk", calls["talk"])
+    _spy(talker.vocoder, "push", calls["vocode"])
     kw = [{"max_new_tokens": 6 + 3 * i, "max_audio_frames": 9 + 4 * i, "speaker": s,
            "talker_sampling": GREEDY_TALKER}
           for i, s in zip(range(n), ["Ethan", "Chelsie", "Aiden", "Ethan", "Aiden"])]
@@ -144,7 +145,7 @@ def test_sampled_speech_draws_on_the_device(engines):
     static step, from each request's seed: a seeded request repeats, alone or in a batch. The
     thinker's sampled tokens are drawn from the step's logits as the eager engine draws them."""
     eager, static = engines
-    runner = static._loop().engine.runner
+    runner = static._loop().engine.talker.runner
     kw = {"max_new_tokens": 6, "max_audio_frames": 8, "seed": 3,
           "sampling": SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.1)}
     alone = [static.generate(c, **kw) for c in CONVS[:3]]

@@ -47,7 +47,7 @@ from qomni.bench.setup import (
 )
 from qomni.engine.config import EngineConfig
 from qomni.engine.prefill import Prefill, prefill
-from qomni.engine.speech import build_talker_prompt, special_embeds
+from qomni.engine.speech import build_talker_prompt, special_embeds, thinker_embeds
 from qomni.events import AudioChunk, TextDelta
 from qomni.models.code2wav_stream import StreamingCode2Wav
 from qomni.models.model import OmniModel
@@ -117,7 +117,10 @@ def _talker_stages(model: OmniModel, inputs: ProcessedInputs, pre: Prefill, toke
     talker, tcfg = model.talker, model.cfg.talker
     device = talker.codec_head.weight.device
     first = int(token)
-    prompt = build_talker_prompt(model, inputs, pre.embeds[0], pre.captured[0], [first],
+    tok = model.cfg.tokens
+    pad_bos = tuple(special_embeds(talker, thinker_embeds(model, (tok.tts_pad, tok.tts_bos))))
+    prompt = build_talker_prompt(model.cfg, talker, inputs, pre.embeds[0], pre.captured[0],
+                                 thinker_embeds(model, [first]).to(device), pad_bos,
                                  tcfg.speaker(DEFAULT_SPEAKER))
     n = prompt.embeds.shape[0]
     cache = talker.new_cache(1, n + frames + 2)
@@ -127,7 +130,8 @@ def _talker_stages(model: OmniModel, inputs: ProcessedInputs, pre: Prefill, toke
         return talker.code0_logits(hidden).argmax(-1)
 
     def step(codec_next: torch.Tensor) -> torch.Tensor:
-        text = special_embeds(model, [first])[0]  # the trailing text token, as the engine adds it
+        # the trailing text token, as the engine adds it
+        text = special_embeds(talker, thinker_embeds(model, [first]))[0]
         pos = decode_positions(cache.lengths, prompt.rope_delta)
         return talker((codec_next + text)[:, None], pos, cache, ones)[:, 0]
 

@@ -1,7 +1,9 @@
-"""The engine: requests join and leave at step boundaries; each step runs the thinker, the
-talker (following the thinker token by token), the code predictor and the streaming vocoder.
-Rows and queues are the scheduler's (`scheduler.py`), model calls the runner's (`runner.py`);
-this file decides what each step does with them.
+"""The engine: requests join and leave at step boundaries; each step runs the thinker, then the
+talker stage (`talker_stage.py`: talker, code predictor, streaming vocoder), which follows the
+thinker token by token through each speaking request's thinker states (`thinker_states.py`).
+Rows and queues are the scheduler's (`scheduler.py`), thinker calls the runner's
+(`runner.py`); this file decides what each step does with them. A request whose talker runs
+elsewhere (`Request.states_out`) gets its thinker states sent there instead.
 
 Legend: n requests in a call, S tokens, Dt thinker hidden, D talker hidden, V vocabulary.
 
@@ -9,11 +11,10 @@ Per step: (1) prefill, in one thinker forward of at most `max_prefill_tokens` to
 budget allows of: requests still being prefilled, waiting requests admitted into free cache
 rows, and (while no request waits) prompt prefixes; a request whose prompt is then whole takes
 its first token; (2) one thinker decode step for every request
-still writing text, batched; (3) talker prefill for speaking requests that have their first
-token, then one talker step, batched, for every request whose next text is known — code
-predictor for all their frames at once; (4) vocode pending frames in chunks (a small first chunk
-for latency, growing ones after; requests in step share one batched decode); (5) retire
-finished requests and free their rows.
+still writing text, batched, and the thinker states that made speakable; (3) the talker stage:
+talker prefill for speaking requests that have their first token, one talker step, batched,
+for every request whose next text is known, and the vocoder chunks due; (4) retire finished
+requests and free their rows.
 """
 
 from __future__ import annotations
@@ -27,16 +28,19 @@ from qomni.engine.prefill import shared_tokens
 from qomni.engine.request import Prefix, Request
 from qomni.engine.runner import Chunk, ModelRunner
 from qomni.engine.scheduler import Scheduler
-from qomni.engine.speech import (
-    ASSISTANT_POSITIONS,
-    Trailing,
-    assistant_header,
-    talker_prompt_ready,
-    trailing_text,
+from qomni.engine.speech import thinker_embeds
+from qomni.engine.talker_stage import TalkerStage
+from qomni.engine.thinker_states import (
+    PromptStates,
+    SpeechParams,
+    StatesSender,
+    StatesUpdate,
+    ThinkerStates,
+    talker_inputs,
 )
 from qomni.models.model import OmniModel
 from qomni.multimodal.chat import PromptTooLong
-from qomni.sampling import Sampler
+from qomni.sampling import sample_rows
 
 
 class Engine:
@@ -46,6 +50,12 @@ class Engine:
         self.model, self.cfg = model, model.cfg
         self.runner = ModelRunner(model, config)
         self.device = self.runner.device
+        self.talker: TalkerStage | None = None
+        if model.audio_output:
+            tok = self.cfg.tokens
+            with torch.inference_mode():
+                specials = thinker_embeds(model, (tok.tts_pad, tok.tts_bos, tok.tts_eos))
+            self.talker = TalkerStage(self.cfg, model.talker, model.code2wav, specials, config)
         self.sched = Scheduler(config.max_num_seqs,
                                config.max_num_seqs if model.audio_output else 0)
         self.stop = torch.tensor(sorted(stop_ids), device=self.device)
@@ -78,14 +88,12 @@ class Engine:
             raise PromptTooLong(n, limit)
         req.max_new_tokens = max(1, min(req.max_new_tokens, limit - n))
         if req.speech is not None:
-            if not self.model.audio_output:
-                raise ValueError("speech output is not loaded")
-            room = self.config.talker_len - n - ASSISTANT_POSITIONS
-            if room < 1:
-                raise ValueError(f"the prompt has {n} tokens, too many for the talker cache "
-                                 f"({self.config.talker_len}, max_talker_len)")
-            req.speech.max_frames = min(req.speech.max_frames, room)
-            req.speech.header = assistant_header(req.inputs.input_ids, self.cfg.tokens)
+            if req.talks:
+                if self.talker is None:
+                    raise ValueError("speech output is not loaded")
+                self.talker.prepare(req.speech, req.inputs)
+                req.states = ThinkerStates()
+            req.sender = StatesSender()
         self.sched.add(req)
 
     def abort(self, req: Request) -> None:
@@ -115,9 +123,8 @@ class Engine:
         self.on_events()  # first tokens go out now, not after the talker's share of the step
         self._decode()
         self.on_events()
-        if self.model.audio_output:
-            self._talk()
-            self._vocode()
+        if self.talker is not None:
+            self.talker.step([r for r in self.running if r.talks])
         for req in [r for r in self.running if self._complete(r)]:
             self._release(req, req.finish_reason)
 
@@ -216,8 +223,9 @@ class Engine:
             if isinstance(owner, Prefix):
                 owner.embeds, owner.prompt, owner.ready = chunk.prompt.embeds, None, True
                 continue
-            if not owner.speaks:
-                owner.prompt = None
+            if owner.speaks:
+                self._send_prompt_states(owner)
+            owner.prompt = owner.captured = None
             self._start_sampling(owner)
             done.append(owner)
             rows.append(i)
@@ -259,117 +267,34 @@ class Engine:
                 req.finish_reason = "stop" if stop else "length"
                 req.emit_text_end()
                 self.sched.free_row(req)  # the talker never reads the thinker cache
+        self._send_token_states([r for r in reqs if r.speaks])
 
-    # -- speech ---------------------------------------------------------------------------------
+    # -- thinker states -------------------------------------------------------------------------
 
-    def _talk(self) -> None:
-        new = [r for r in self.running
-               if r.speech and r.speech.hidden is None and not r.speech.done and r.tokens]
-        for req in new:
-            ready = talker_prompt_ready(req.speech.header, req.speech_text())
-            if ready is False:
-                req.speech.done = True  # an empty answer: nothing to say
-            elif ready:
-                self._talker_prefill(req)
-        ready = []
-        for req in self.running:
-            sp = req.speech
-            if sp is None or sp.done or sp.hidden is None or req in new:
-                continue
-            text = trailing_text(sp.header, req.speech_text(), sp.frames)
-            if text is not None:
-                ready.append((req, text))
-        if not ready:
-            return
-        reqs = [r for r, _ in ready]
-        go = [i for i, r in enumerate(reqs) if r.speech.frames + 1 < r.speech.max_frames]
-        samplers = [r.speech.code_sampler for r in reqs]
-        text = torch.stack([self._trailing_embed(*ready[i]) for i in go]) if go else None
-        code0 = torch.stack([r.speech.code0 for r in reqs])
-        codes, hidden, logits = self.runner.speak(
-            torch.stack([r.speech.hidden for r in reqs]), code0, samplers,
-            lambda logits: sample_rows(logits, samplers, [None] * len(samplers)),
-            [r.speech.frames for r in reqs], go, [reqs[i].talker_row for i in go], text,
-            [reqs[i].speech.rope_delta for i in go])
-        for i, req in enumerate(reqs):
-            sp = req.speech
-            sp.pending.append(codes[i])
-            sp.codes.append(codes[i])
-            sp.frames += 1
-            sp.seen[code0[i]] = True
-            if sp.frames >= sp.max_frames:
-                sp.done = True
-        if go:
-            self._choose_code0([reqs[i] for i in go], hidden, logits)
-
-    def _talker_prefill(self, req: Request) -> None:
+    def _send_prompt_states(self, req: Request) -> None:
         sp = req.speech
-        prompt = self.runner.talker_prompt(req.inputs, req.prompt.embeds, req.captured,
-                                           req.tokens, sp.speaker_id)
-        req.prompt = req.captured = None
-        sp.rope_delta, sp.tail = prompt.rope_delta, prompt.tail
-        sp.seen = torch.zeros(self.cfg.talker.text.vocab_size, dtype=torch.bool,
-                              device=self.runner.talker_device)
-        hidden = self.runner.talker_prefill(req.talker_row, prompt)
-        self._choose_code0([req], hidden, self.runner.code0_logits(hidden))
+        params = SpeechParams(sp.speaker_id, sp.sampler.params[0], sp.code_sampler.params[0],
+                              sp.max_frames)
+        req.send_states(StatesUpdate(PromptStates(talker_inputs(req.inputs), req.prompt.embeds,
+                                                  req.captured, params)))
 
-    def _choose_code0(self, reqs: list[Request], hidden: torch.Tensor,
-                      logits: torch.Tensor) -> None:
-        """Sample codebook 0 of each request's next frame from logits [n, V] (of hidden
-        [n, D])."""
-        eos = self.cfg.talker.codec_eos_token_id
-        params = [r.speech.sampler.params[0] for r in reqs]
-        early = [i for i, (r, p) in enumerate(zip(reqs, params))
-                 if p.ignore_eos or r.speech.frames < p.min_tokens]
-        if early:  # speech that must go on: EOS is never a frame
-            logits[torch.tensor(early, device=logits.device), eos] = float("-inf")
-        code0 = sample_rows(logits, [r.speech.sampler for r in reqs],
-                            [r.speech.seen for r in reqs])
-        for i, req in enumerate(reqs):
-            sp = req.speech
-            sp.hidden, sp.code0 = hidden[i], code0[i]
-            if int(code0[i]) == eos:
-                sp.done = True
-
-    def _trailing_embed(self, req: Request, text: int | Trailing) -> torch.Tensor:
-        """Trailing text [D]: an entry of the assistant segment, tts_eos or tts_pad."""
-        if isinstance(text, Trailing):
-            return self.runner.trailing[text]
-        header = req.speech.header
-        if text < header:  # a prompt token after the first four of the segment
-            return req.speech.tail[text - 4]
-        return self.runner.text_embed(req.tokens[text - header])
-
-    def _vocode(self) -> None:
-        """Vocode each request's pending frames once a chunk is due. Chunks grow: the first has
-        `first_chunk_frames` frames (latency), then each is as long as all audio sent before it,
-        up to `chunk_frames`, so playback never waits on a chunk longer than the audio it has
-        queued. Requests standing at the same frame with equal chunks share one decode."""
-        first, most = self.config.first_chunk_frames, self.config.chunk_frames
-        groups: dict[tuple[int, int], list[Request]] = {}
-        for req in self.running:
-            sp = req.speech
-            if sp is None or not sp.pending:
-                continue
-            if sp.vocoder is None:
-                sp.vocoder = self.runner.new_vocoder(req.talker_row)
-            done = sp.vocoder.frames
-            need = first if done == 0 else min(most, max(first, done))
-            if len(sp.pending) >= need or sp.done:
-                groups.setdefault((done, len(sp.pending)), []).append(req)
-        sample_rate = self.cfg.code2wav.sample_rate
-        for reqs in groups.values():
-            codes = torch.stack([torch.stack(r.speech.pending, dim=1) for r in reqs])
-            pcms = self.runner.vocode([r.speech.vocoder for r in reqs], codes)
-            for req, pcm in zip(reqs, pcms):
-                req.speech.pending.clear()
-                req.emit_audio(pcm, sample_rate)
+    def _send_token_states(self, reqs: list[Request]) -> None:
+        """The tokens that became speakable, with their input embeddings (one lookup for all)."""
+        updates = [(r, u) for r in reqs if (u := r.sender.update(r.speech_text())) is not None]
+        ids = [t for _, u in updates for t in u.tokens if t >= 0]  # -1: a stop string's mark
+        if ids:
+            embeds = self.model.thinker.embed(torch.tensor(ids, device=self.device))
+        at = 0
+        for req, update in updates:
+            n = sum(t >= 0 for t in update.tokens)
+            if n:
+                update.embeds, at = embeds[at: at + n], at + n
+            req.send_states(update)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
     def _complete(self, req: Request) -> bool:
-        sp = req.speech
-        return req.thinker_done and (sp is None or (sp.done and not sp.pending))
+        return req.thinker_done and (not req.talks or self.talker.finished(req))
 
     def _release(self, req: Request, reason: str) -> None:
         self.sched.release(req)
@@ -380,18 +305,3 @@ class Engine:
         if reason != "error":
             req.emit_finished(reason)
 
-
-def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler],
-                seen: Sequence[torch.Tensor | None],
-                counts: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
-    """Each row with its own request's sampler (own settings and generator): [n, V] -> [n].
-    seen / counts: each row's context tokens / generated-token counts, or None."""
-    if all(s.all_greedy and not s.uses_penalty and not s.uses_counts for s in samplers):
-        return logits.float().argmax(-1)  # bf16 argmax runs 5x slower than fp32 on CPU
-    counts = counts or [None] * len(samplers)
-
-    def row(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x[None]
-
-    return torch.cat([s(logits[i: i + 1], row(seen[i]), row(counts[i]))
-                      for i, s in enumerate(samplers)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from bisect import bisect_right
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from qomni.engine.prefill import Prompt
 from qomni.engine.speech import SpeechText
 from qomni.engine.static_vocoder import PooledStream
+from qomni.engine.thinker_states import StatesSender, StatesUpdate, ThinkerStates
 from qomni.events import AudioChunk, Finished, TextDelta, Usage
 from qomni.models.code2wav_stream import StreamingCode2Wav
 from qomni.multimodal.chat import StreamDecoder
@@ -77,7 +79,7 @@ class Request:
     tokens: list[int] = field(default_factory=list)  # generated, including a final stop token
     finish_reason: str | None = None  # set when the thinker stops
     finished: bool = False  # everything (text and speech) is done and the rows are free
-    prompt: Prompt | None = None  # embedded, while prefilled and until the talker prompt
+    prompt: Prompt | None = None  # embedded, while prefilled
     prefilled: int = 0  # prompt tokens in its row; the first token comes once all are
     captured: torch.Tensor | None = None  # [S, Dt] hidden after accept_hidden_layer layers
     seen: torch.Tensor | None = None  # [V] tokens in the context (repetition penalty only)
@@ -91,6 +93,11 @@ class Request:
     sent: int = 0
     stopped_by_string: bool = False
     speech_end: int | None = None  # speech covers tokens[:speech_end] (set by a stop match)
+    # Where its thinker states go: a talker elsewhere (this engine runs none for it), else
+    # `states`, which this engine's talker stage reads.
+    states_out: Callable[[StatesUpdate], None] | None = None
+    states: ThinkerStates | None = None
+    sender: StatesSender | None = None  # what of them has been sent, once admitted
     _token_ends: list[int] = field(default_factory=list)  # len(text) after each token
     _pending_ids: list[int] = field(default_factory=list)
 
@@ -101,7 +108,19 @@ class Request:
 
     @property
     def speaks(self) -> bool:
+        """It wants speech: its prompt's talker states are captured."""
         return self.speech is not None
+
+    @property
+    def talks(self) -> bool:
+        """Its talker runs in this engine (it needs a talker row)."""
+        return self.speech is not None and self.states_out is None
+
+    def send_states(self, update: StatesUpdate) -> None:
+        if self.states_out is not None:
+            self.states_out(update)
+        else:
+            self.states.apply(update)
 
     @property
     def thinker_done(self) -> bool:

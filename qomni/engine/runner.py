@@ -1,20 +1,17 @@
-"""The engine's model calls, over cache rows: prompts embedded and prefilled (several at once, each
-from where its row stands), thinker decode steps, talker prefill and steps with the code
-predictor, and vocoder chunks. It owns the caches; which row is whose is the scheduler's.
+"""The engine's thinker calls, over cache rows: prompts embedded and prefilled (several at
+once, each from where its row stands) and decode steps. It owns the thinker cache; which row is
+whose is the scheduler's. The talker's calls are talker_runner.py's.
 
-Legend: R rows (max_num_seqs), n rows in a call, S tokens, Dt thinker hidden, D talker hidden,
-G codebooks, V vocabulary.
+Legend: R rows (max_num_seqs), n rows in a call, S tokens, Dt thinker hidden, V vocabulary.
 
 Every call takes host lists (rows, tokens, position offsets) and builds its tensors here, so the
 step shapes are decided in one place. With `cuda_graphs` the decode calls go through the static
-steps (static_steps.py, static_vocoder.py): batch buckets, captured as CUDA graphs on a CUDA
-device. The talker stage may run on its own device (placement.py): the thinker states it reads
-are handed over here.
+steps (static_steps.py): batch buckets, captured as CUDA graphs on a CUDA device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,14 +19,10 @@ import torch
 from qomni.engine.config import EngineConfig
 from qomni.engine.graphs import capture_blockers
 from qomni.engine.prefill import Prompt, embed_prompt, pack
-from qomni.engine.speech import TalkerPrompt, Trailing, build_talker_prompt, special_embeds
-from qomni.engine.static_steps import StaticTalker, StaticThinker
-from qomni.engine.static_vocoder import PooledStream, StaticVocoder
-from qomni.models.code2wav_stream import StreamingCode2Wav, push_together
+from qomni.engine.static_steps import StaticThinker
 from qomni.models.model import OmniModel
 from qomni.models.rope import decode_positions
 from qomni.multimodal.processor import ProcessedInputs
-from qomni.sampling import Sampler
 
 
 @dataclass
@@ -55,22 +48,6 @@ class ModelRunner:
         capture = graph_mode(config.cuda_graphs, self.device, capture_blockers(model.thinker))
         self.static = None if capture is None else StaticThinker(model.thinker, self.cache,
                                                                  capture)
-        self.vocoder: StaticVocoder | None = None
-        if model.audio_output:
-            self.talker_device = model.talker.model.norm.weight.device
-            self.talker_cache = model.talker.new_cache(config.max_num_seqs, config.talker_len)
-            self.talker_lengths = [0] * config.max_num_seqs
-            tok = self.cfg.tokens
-            with torch.inference_mode():
-                self.trailing = dict(zip((Trailing.PAD, Trailing.EOS),
-                                         special_embeds(model, (tok.tts_pad, tok.tts_eos))))
-            capture = graph_mode(config.cuda_graphs, self.talker_device,
-                                 capture_blockers(model.talker))
-            if capture is not None:
-                self.talker_static = StaticTalker(model.talker, self.talker_cache, capture)
-                self.vocoder = StaticVocoder(model.code2wav, config.max_num_seqs, capture)
-            else:
-                self.talker_static = None
 
     # -- thinker --------------------------------------------------------------------------------
 
@@ -119,90 +96,8 @@ class ModelRunner:
         hidden, _ = thinker(thinker.embed(last), pos, view, self._ones(len(rows)))
         return thinker.logits(hidden[:, 0])
 
-    # -- talker ---------------------------------------------------------------------------------
-
-    def talker_prompt(self, inputs: ProcessedInputs, embeds: torch.Tensor,
-                      captured: torch.Tensor, generated: Sequence[int],
-                      speaker_id: int) -> TalkerPrompt:
-        """The talker prompt of a request (`speech.build_talker_prompt`), from the thinker's
-        states handed over to the talker's device."""
-        return build_talker_prompt(self.model, inputs, self.to_talker(embeds),
-                                   self.to_talker(captured), generated, speaker_id)
-
-    def to_talker(self, x: torch.Tensor) -> torch.Tensor:
-        """A thinker-side tensor on the talker's device (the stage hand-off)."""
-        return x.to(self.talker_device)
-
-    def talker_prefill(self, row: int, prompt: TalkerPrompt) -> torch.Tensor:
-        """Prefill a talker prompt into `row` (from empty): its last hidden state [1, D]."""
-        self.talker_cache.reset([row])
-        n = prompt.embeds.shape[0]
-        self.talker_lengths[row] = n
-        hidden = self.model.talker(prompt.embeds[None], prompt.positions[:, None],
-                                   self.talker_cache.rows([row]),
-                                   torch.tensor([n], device=self.talker_device))
-        return hidden[:, -1]
-
-    def speak(self, hidden: torch.Tensor, code0: torch.Tensor, samplers: Sequence[Sampler],
-              sample: Callable[[torch.Tensor], torch.Tensor], frames: Sequence[int],
-              go: Sequence[int], rows: Sequence[int], text: torch.Tensor | None,
-              rope_deltas: Sequence[float]
-              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Finish n frames whose code0 was chosen (hidden [n, D]: the talker hidden that chose
-        it; `frames`: each one's number in its utterance), the code predictor sampling with each
-        frame's sampler, then one talker step for frames `go` (indices into the n; their talker
-        `rows`, trailing `text` [m, D], rope deltas). Returns the frames' codes [n, G] and, for
-        `go`, the next hidden [m, D] and its codebook-0 logits [m, V] (None when `go` is empty).
-        Eagerly, `sample` (logits [n, V] -> ids [n]) draws with the samplers' generators; the
-        static step draws on the device, from the same settings and seeds but its own noise."""
-        for r in rows:
-            self.talker_lengths[r] += 1
-        if self.talker_static is not None and not any(s.uses_penalty or s.uses_counts
-                                                      for s in samplers):
-            longest = max((self.talker_lengths[r] for r in rows), default=1)
-            step = self.talker_static.talk(hidden, code0, text, go, rows, rope_deltas, longest,
-                                           samplers, frames)
-            codes = step.codes[: hidden.shape[0]].clone()
-            if not go:
-                return codes, None, None
-            m = len(go)
-            return codes, step.at_go(step.next_hidden, m), step.at_go(step.logits, m)
-        talker = self.model.talker
-        codes, codec_next = talker.predict_residuals(hidden, code0, sample)
-        if not go:
-            return codes, None, None
-        view = self.talker_cache.rows(list(rows))
-        pos = decode_positions(view.lengths, torch.tensor(rope_deltas,
-                                                          device=self.talker_device))
-        out = talker((codec_next[list(go)] + text)[:, None], pos, view,
-                     self._ones(len(rows), self.talker_device))[:, 0]
-        return codes, out, talker.code0_logits(out)
-
-    def code0_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.talker.code0_logits(hidden)
-
-    def text_embed(self, token: int) -> torch.Tensor:
-        """A generated token as talker trailing text [D]."""
-        ids = torch.tensor([token], device=self.device)
-        embed = self.to_talker(self.model.thinker.embed(ids))
-        return self.model.talker.text_projection(embed)[0]
-
-    # -- vocoder --------------------------------------------------------------------------------
-
-    def new_vocoder(self, row: int) -> StreamingCode2Wav | PooledStream:
-        """A stream for the request in talker row `row`."""
-        if self.vocoder is not None:
-            return PooledStream(self.model.code2wav, row)
-        return StreamingCode2Wav(self.model.code2wav)
-
-    def vocode(self, vocoders: list, codes: torch.Tensor) -> list[torch.Tensor]:
-        """Push a chunk of codes [n, G, F] to vocoders standing at the same frame: samples."""
-        if self.vocoder is not None:
-            return self.vocoder.push_streams(vocoders, codes)
-        return push_together(vocoders, codes)
-
-    def _ones(self, n: int, device: torch.device | None = None) -> torch.Tensor:
-        return torch.ones(n, dtype=torch.long, device=device or self.device)
+    def _ones(self, n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=torch.long, device=self.device)
 
 
 def graph_mode(setting: bool | None, device: torch.device, blockers: list[str]) -> bool | None:

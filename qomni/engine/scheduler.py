@@ -38,7 +38,7 @@ class SeqSlot(Protocol):
     prefix: PrefixSlot | None
 
     @property
-    def speaks(self) -> bool:
+    def talks(self) -> bool:
         """Needs a talker row."""
 
 
@@ -67,7 +67,7 @@ class Scheduler:
             continues = self.holds_row(seq.prefix)
             if not (self.free_rows or continues):
                 break
-            if seq.speaks and not self.free_talker_rows:
+            if seq.talks and not self.free_talker_rows:
                 break
             self.waiting.popleft()
             if continues:  # the prefix's row is the request's now
@@ -78,7 +78,7 @@ class Scheduler:
                 seq.row = self.free_rows.pop(0)
                 if seq.prefix is not None:  # not prefilled yet: no use any more
                     self.release_prefix(seq.prefix)
-            if seq.speaks:
+            if seq.talks:
                 seq.talker_row = self.free_talker_rows.pop(0)
             self.running.append(seq)
             admitted.append(seq)

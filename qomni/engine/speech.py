@@ -26,6 +26,7 @@ import torch
 
 from qomni.config import OmniConfig, SpecialTokens
 from qomni.models.model import OmniModel
+from qomni.models.talker import Talker
 from qomni.multimodal.positions import rope_index
 from qomni.multimodal.processor import ProcessedInputs
 from qomni.sampling import SamplingParams
@@ -89,14 +90,16 @@ def talker_prompt_ready(header: int, text: SpeechText) -> bool | None:
     return known > 4 or (known == 4 and not (header < 4 and text.stopped))
 
 
-def build_talker_prompt(model: OmniModel, x: ProcessedInputs, embeds: torch.Tensor,
-                        hidden: torch.Tensor, generated: Sequence[int],
+def build_talker_prompt(cfg: OmniConfig, talker: Talker, x: ProcessedInputs,
+                        embeds: torch.Tensor, hidden: torch.Tensor, generated: torch.Tensor,
+                        pad_bos: tuple[torch.Tensor, torch.Tensor],
                         speaker_id: int) -> TalkerPrompt:
     """embeds [S, Dt]: the thinker's input embeddings (media features in place);
-    hidden [S, Dt]: its hidden state after `accept_hidden_layer` layers (both on the talker's
-    device); generated: the generated tokens so far (`talker_prompt_ready`)."""
-    cfg: OmniConfig = model.cfg
-    tok, tcfg, talker = cfg.tokens, cfg.talker, model.talker
+    hidden [S, Dt]: its hidden state after `accept_hidden_layer` layers; generated [k, Dt]:
+    the input embeddings of the first generated tokens, as many as a header shorter than 4
+    tokens needs (`talker_prompt_ready`); all on the talker's device. pad_bos: tts_pad and
+    tts_bos as talker text [D] (`special_embeds`)."""
+    tok, tcfg = cfg.tokens, cfg.talker
     ids = x.input_ids.to(embeds.device)
     s = ids.shape[0]
     # Role of every token: the token after the last <|im_start|> at or before it.
@@ -116,12 +119,10 @@ def build_talker_prompt(model: OmniModel, x: ProcessedInputs, embeds: torch.Tens
     a = s - header
     rows = embeds[a: a + 4]  # S[0:4], completed by generated tokens for a short header
     if rows.shape[0] < 4:
-        thinker_device = model.thinker.model.norm.weight.device
-        more = torch.tensor(list(generated[: 4 - rows.shape[0]]), device=thinker_device)
-        rows = torch.cat([rows, model.thinker.embed(more).to(rows.device)])
+        rows = torch.cat([rows, generated[: 4 - rows.shape[0]]])
     assistant = talker.text_projection(rows)  # [4, D]
     tail = talker.text_projection(embeds[a + 4:])
-    pad, bos = special_embeds(model, (tok.tts_pad, tok.tts_bos))
+    pad, bos = pad_bos
     text = torch.cat([assistant[:3], pad.expand(4, -1), bos[None], assistant[3:4]])
     codec_ids = torch.tensor([tcfg.codec_nothink_id, tcfg.codec_think_bos_id,
                               tcfg.codec_think_eos_id, speaker_id, tcfg.codec_pad_id,
@@ -188,11 +189,16 @@ def talker_id_view(ids: list[int], tok: SpecialTokens, video_grids: list, spg: l
             [audio_lengths[k] for k in keep_audio])
 
 
-def special_embeds(model: OmniModel, ids: Sequence[int]) -> list[torch.Tensor]:
-    """text_projection of thinker token embeddings (tts_pad / tts_bos / tts_eos), each [D]."""
+def special_embeds(talker: Talker, embeds: torch.Tensor) -> list[torch.Tensor]:
+    """text_projection of thinker token embeddings [n, Dt] (tts_pad / tts_bos / tts_eos), each
+    [D]."""
+    return list(talker.text_projection(embeds.to(talker.model.norm.weight.device)))
+
+
+def thinker_embeds(model: OmniModel, ids: Sequence[int]) -> torch.Tensor:
+    """The thinker's input embeddings of token ids: [n, Dt]."""
     device = model.thinker.model.norm.weight.device
-    e = model.thinker.embed(torch.tensor(list(ids), device=device))
-    return list(model.talker.text_projection(e.to(model.talker.model.norm.weight.device)))
+    return model.thinker.embed(torch.tensor(list(ids), device=device))
 
 
 def trailing_text(header: int, text: SpeechText, n: int) -> int | Trailing | None:
