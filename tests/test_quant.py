@@ -11,8 +11,9 @@ from qomni.cli import main
 from qomni.models.layers import Attention
 from qomni.models.moe import Experts
 from qomni.models.packed_linear import PackedLinear
+from qomni.quant import kernels
 from qomni.quant.experts import QuantExperts
-from qomni.quant.kernels import Int4Matmul, Int8Matmul, quantize_weight
+from qomni.quant.kernels import Fp8Matmul, Int4Matmul, Int8Matmul, quantize_weight
 from qomni.quant.linear import QuantEmbedding, QuantLinear
 from qomni.quant.plan import parse_quantization
 
@@ -115,6 +116,24 @@ def test_speech_works_quantized(small):
     b = omni.generate(CONVERSATION, max_new_tokens=8, max_audio_frames=8, talker_sampling=greedy)
     assert a.token_ids == b.token_ids and torch.equal(torch.as_tensor(a.codes),
                                                       torch.as_tensor(b.codes))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fp8_matmul_with_and_without_bf16_instructions(native, monkeypatch):
+    """An FP8 weight multiplies exactly (e4m3 values are bf16 values) whether the CPU packs bf16
+    weights for oneDNN or not (without bf16 matrix instructions oneDNN refuses to pack them)."""
+    if native and torch.bfloat16 not in kernels.packed_dtypes():
+        pytest.skip("the CPU has no bf16 matrix instructions")
+    if not native:
+        monkeypatch.setattr(kernels, "packed_dtypes", lambda: (torch.float32,))
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(48, 64, generator=g) * 4).to(torch.float8_e4m3fn)
+    scale = torch.rand(48, 1, generator=g) + 0.5
+    mm = Fp8Matmul(w, scale, torch.device("cpu"))
+    assert mm.packed == native
+    x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    ref = x.float() @ (w.float() * scale.to(torch.bfloat16).float()).T
+    assert rel_l2(mm(x).float(), ref) < 1e-2
 
 
 def test_quantized_weights_take_less_memory(small):

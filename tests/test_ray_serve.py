@@ -140,6 +140,7 @@ def test_eight_concurrent_streams_use_both_replicas_and_match_one_process(cluste
     for rid in served:
         assert f'qomni_replica_up{{replica="{rid}"}} 1.0' in text.decode()
         assert f'qomni_replica_requests_total{{replica="{rid}"}}' in text.decode()
+        assert f'qomni_engine_rows_in_use{{replica="{rid}"}}' in text.decode()
     assert b"qomni_requests_total" in text  # the ingress's own metrics are there too
     status, page = cluster.get("/")
     assert status == 200 and b"<html" in page.lower()  # the web demo

@@ -104,8 +104,10 @@ def tiny_bf16_vs_fp32(path: Path, device: torch.device) -> dict[str, Any]:
 
 def uncaptured(omni: Omni) -> Omni:
     """The engine's static steps called as they are (what a CUDA graph replays)."""
-    runner = omni._loop().engine.runner
-    for steps in (runner.static, runner.talker_static, runner.vocoder):
+    engine = omni._loop().engine
+    talker = engine.talker.runner if engine.talker is not None else None
+    talker_steps = (talker.talker_static, talker.vocoder) if talker is not None else ()
+    for steps in (engine.runner.static, *talker_steps):
         if steps is not None:
             steps.graphs = StepGraphs(False)
     return omni

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qomni.models.packed_linear import pack_weight, packed_dtypes, packed_linear
+
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 # The activations' dtype inside every quantized matmul: the CPU int kernels are vectorised for
 # bf16 only (fp32 or fp16 inputs run 10-50x slower) and CUDA tinygemm takes bf16.
@@ -177,14 +179,15 @@ class Fp8Matmul:
     """x [N, K] -> bf16 [N, O] on an FP8 (e4m3) weight with per-channel or per-tensor scales.
 
     e4m3 values are exact in bf16, so the weight is widened once at load (2 bytes per weight)
-    and the scale applied to the outputs: exact, and on CPU a bf16 oneDNN-packed weight reads
-    ~2.7x faster than fp32, where widening per call would be ~100x slower."""
+    and the scale applied to the outputs: exact, and on a CPU with bf16 matrix instructions a
+    bf16 oneDNN-packed weight reads ~2.7x faster than fp32, where widening per call would be
+    ~100x slower (elsewhere oneDNN cannot pack bf16 and F.linear converts as it goes)."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, device: torch.device):
         self.out_features, self.in_features = weight.shape
         w = weight.to(device).to(ACT_DTYPE)
-        self.packed = device.type == "cpu" and torch.backends.mkldnn.is_available()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(w, 1) if self.packed else w
+        self.packed = device.type == "cpu" and ACT_DTYPE in packed_dtypes()
+        self.weight = pack_weight(w) if self.packed else w
         self.scale = scale.reshape(-1).to(ACT_DTYPE).to(device)  # [O] or [1]
 
     def tensors(self) -> list[torch.Tensor]:
@@ -193,7 +196,7 @@ class Fp8Matmul:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(ACT_DTYPE)
         if self.packed:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+            y = packed_linear(x, self.weight)
         else:
             y = F.linear(x, self.weight)
         return y * self.scale

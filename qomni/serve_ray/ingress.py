@@ -16,6 +16,7 @@ from ray.serve.handle import DeploymentHandle
 from qomni.serve_ray import live
 from qomni.serve_ray.client import Connection, ReplicatedOmni, connection
 from qomni.serve_ray.replica import ReplicaGone
+from qomni.server.state import ENGINE_GAUGES
 
 REPLICA_HEADER = b"x-qomni-replica"
 PROBE_TIMEOUT_S = 10.0  # a replica that does not answer a probe in time is reported "busy"
@@ -132,6 +133,8 @@ class _Snapshot:
                                     "requests streaming on this replica", labels=["replica"])
         counters = {k: CounterMetricFamily(m, h, labels=["replica"])
                     for k, (m, h) in _COUNTERS.items()}
+        engine = {k: GaugeMetricFamily(f"qomni_engine_{k}", h, labels=["replica"])
+                  for k, h in ENGINE_GAUGES.items()}
         for r in self.items:
             up.add_metric([r["replica"]], float(r["state"] in ("up", "busy")))
             if r["state"] != "up":
@@ -139,9 +142,12 @@ class _Snapshot:
             running.add_metric([r["replica"]], r["running"])
             for k, family in counters.items():
                 family.add_metric([r["replica"]], r[k])
+            for k, family in engine.items():
+                family.add_metric([r["replica"]], r["engine"][k])
         yield up
         yield running
         yield from counters.values()
+        yield from engine.values()
 
 
 async def _capture(app: Callable, scope: dict, receive: Callable) -> tuple[int, bytes]:

@@ -116,7 +116,8 @@ class EngineReplica:
         if home and home != self.id:
             raise ReplicaGone(f"engine replica {home} is gone (this is {self.id})")
         return {"replica": self.id, "uptime_s": time.time() - self.started,
-                "running": self.running, "prefixes": len(self.prefixes), **self.served}
+                "running": self.running, "prefixes": len(self.prefixes), **self.served,
+                "engine": self.omni.engine_occupancy()}
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy (it is replaced).

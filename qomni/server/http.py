@@ -70,7 +70,9 @@ def create_app(omni: Omni, *, model_name: str | None = None, api_key: str | None
         admission=Admission(omni, limits.max_pending, memory),
         origins=OriginPolicy(allowed_origins), memory=memory)
 
-    state.metrics.watch(omni)
+    occupancy = getattr(omni, "engine_occupancy", None)
+    if occupancy is not None:  # a local engine (replicas behind Ray report theirs per replica)
+        state.metrics.watch(occupancy)
     app = FastAPI(title="qomni", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     openapi.install(app)
     app.state.qomni = state

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,13 @@ from qomni.server.wire import APIError
 
 AUDIO_TTL_S = 3600  # how long an audio id's transcript is kept for later turns (expires_at)
 MAX_TRANSCRIPTS = 4096
+
+
+# Engine.occupancy() key -> the help of its qomni_engine_<key> gauge
+ENGINE_GAUGES = {"waiting": "requests waiting for a cache row",
+                 "running": "requests in the engine's batch",
+                 "prefixes": "prompt prefixes held (realtime turns read ahead)",
+                 "rows_in_use": "KV-cache rows held by requests and prefixes"}
 
 
 class Metrics:
@@ -48,15 +55,12 @@ class Metrics:
         self.latency = Histogram("qomni_request_duration_seconds", "chat completion duration",
                                  buckets=buckets, registry=r)
 
-    def watch(self, omni: Omni) -> None:
-        """Gauges of what `omni`'s engine holds, read at each scrape: a server that has gone
-        quiet must show zeros (rows, prefixes and requests all freed)."""
-        for key, doc in (("waiting", "requests waiting for a cache row"),
-                         ("running", "requests in the engine's batch"),
-                         ("prefixes", "prompt prefixes held (realtime turns read ahead)"),
-                         ("rows_in_use", "KV-cache rows held by requests and prefixes")):
+    def watch(self, occupancy: Callable[[], dict[str, int]]) -> None:
+        """Gauges of what the engine holds (`Omni.engine_occupancy`), read at each scrape: a
+        server that has gone quiet must show zeros (rows, prefixes and requests all freed)."""
+        for key, doc in ENGINE_GAUGES.items():
             gauge = Gauge(f"qomni_engine_{key}", doc, registry=self.registry)
-            gauge.set_function(lambda key=key: omni.engine_occupancy()[key])
+            gauge.set_function(lambda key=key: occupancy()[key])
 
 
 class Transcripts:
