@@ -86,29 +86,33 @@ def compute_dtype(dtype: torch.dtype, devices: Iterable[torch.device],
 def load_model(path: Path, cfg: OmniConfig, dtype: str | torch.dtype | None,
                device: str | torch.device | None, audio_output: bool | None,
                quantization: str | Mapping[str, str] | None, progress: bool,
-               stage_devices: str | Mapping[str, str] | None = None
+               stage_devices: str | Mapping[str, str] | None = None, thinker: bool = True
                ) -> tuple[OmniModel, Any]:
     """The network of the checkpoint at `path`, its weights read once into place, and what
     was quantized (`quantize_modules`). audio_output None: speech when the checkpoint has a
     talker. `stage_devices` ("thinker=cuda:0,talker=cuda:1"): each stage on its own device
-    (qomni.engine.placement); the others on `device`."""
+    (qomni.engine.placement); the others on `device`. thinker=False: the speech stages
+    alone (a talker apart from its thinker); none of the thinker's weights are read."""
     device = resolve_device(device)
     devices = parse_stage_devices(stage_devices, device)
-    dtype = resolve_dtype(dtype, devices["thinker"])
+    dtype = resolve_dtype(dtype, devices["thinker" if thinker else "talker"])
     if audio_output and not cfg.has_audio_output:
         raise ValueError(f"{path} has no talker (a Thinking or Captioner checkpoint, "
                          "enable_audio_output=false): it cannot produce speech")
     if audio_output is None:
         audio_output = cfg.has_audio_output
+    if not (thinker or audio_output):
+        raise ValueError(f"{path}: a model without its thinker is its speech stages, and this "
+                         "one has none (audio_output is off)")
 
     def device_of(name: str) -> torch.device:
         return devices[stage_of(name)]
 
+    skip = ([] if audio_output else ["talker.", "code2wav."]) + ([] if thinker else ["thinker."])
+    keys = [k for k in checkpoint_files(path) if thinker or not k.startswith("thinker.")]
     with meta_parameters():
-        net = OmniModel(cfg, audio_output)
-        quantized = quantize_modules(net, path, checkpoint_files(path), quantization, dtype,
-                                     device_of)
-    skip = [] if audio_output else ["talker.", "code2wav."]
+        net = OmniModel(cfg, audio_output, thinker)
+        quantized = quantize_modules(net, path, keys, quantization, dtype, device_of)
     load_weights(net, path, dtype=dtype, device=device_of, skip_prefixes=skip,
                  progress=progress)
     for name, stage in net.named_children():  # buffers too

@@ -8,7 +8,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from qomni.engine.speech import (
     code_predictor_sampling,
     talker_sampling_defaults,
 )
+from qomni.engine.speech_link import SpeechJoin, TalkerLink
 from qomni.events import AudioChunk, Finished, GenerateOutput, TextDelta
 from qomni.loading import load_model, resolve_model_path
 from qomni.models.model import OmniModel
@@ -54,6 +55,9 @@ class Omni:
         self.device = model.thinker.lm_head.weight.device
         self.dtype = model.thinker.lm_head.weight.dtype
         self.quantization: dict[str, str] = {}  # module group -> scheme, for quantized ones
+        # Where speech is made when not here: a talker elsewhere, fed each speaking request's
+        # thinker states (speech_link.py). A model loaded with audio_output=False can speak.
+        self.remote_talker: TalkerLink | None = None
 
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
@@ -80,6 +84,16 @@ class Omni:
         omni = cls(net, Processor(path, cfg), path, gen_cfg, engine or EngineConfig())
         omni.quantization = quantized
         return omni
+
+    @property
+    def speaks(self) -> bool:
+        """Speech output is available: a talker here, or a remote one."""
+        return bool(self.model.audio_output) or self.remote_talker is not None
+
+    def alive(self) -> bool:
+        """The engine thread runs (or has not been started yet)."""
+        loop = self._engine_loop
+        return loop is None or loop.is_alive()
 
     @property
     def max_model_len(self) -> int:
@@ -128,15 +142,15 @@ class Omni:
             if not isinstance(ev, TextDelta):
                 inbox.put((req, ev))
 
-        for req in reqs:
-            loop.submit(req, lambda ev, req=req: deliver(req, ev))
+        cancels = [self._submit(loop, req, lambda ev, req=req: deliver(req, ev))
+                   for req in reqs]
         audio: dict[str, list[np.ndarray]] = {r.id: [] for r in reqs}
         pending = len(reqs)
         while pending:
             req, ev = inbox.get()
             if isinstance(ev, Exception):
-                for other in reqs:
-                    loop.abort(other)
+                for cancel in cancels:
+                    cancel()
                 raise ev
             if isinstance(ev, AudioChunk):
                 audio[req.id].append(ev.pcm)
@@ -155,7 +169,7 @@ class Omni:
         req = self._request(messages, GenerateOptions.build(options, "stream", **kwargs))
         inbox: queue.Queue = queue.Queue()
         loop = self._loop()
-        loop.submit(req, inbox.put)
+        cancel = self._submit(loop, req, inbox.put)
         try:
             while True:
                 ev = inbox.get()
@@ -165,8 +179,7 @@ class Omni:
                 if isinstance(ev, Finished):
                     return
         finally:
-            if not req.finished:
-                loop.abort(req)
+            cancel()
 
     async def astream(self, messages: Conversation, *, options: GenerateOptions | None = None,
                       **kwargs: Any) -> AsyncIterator[TextDelta | AudioChunk | Finished]:
@@ -184,7 +197,8 @@ class Omni:
         inbox: asyncio.Queue = asyncio.Queue()
         aio = asyncio.get_running_loop()
         loop = self._loop()
-        loop.submit(req, lambda ev: aio.call_soon_threadsafe(inbox.put_nowait, ev))
+        cancel = self._submit(loop, req,
+                              lambda ev: aio.call_soon_threadsafe(inbox.put_nowait, ev))
         try:
             while True:
                 ev = await inbox.get()
@@ -194,8 +208,7 @@ class Omni:
                 if isinstance(ev, Finished):
                     return
         finally:
-            if not req.finished:
-                loop.abort(req)
+            cancel()
 
     def open_prefix(self, messages: Conversation, *, partial: bool = False,
                     replaces: PromptPrefix | None = None,
@@ -229,7 +242,7 @@ class Omni:
             if replaces is not None:
                 replaces.close()
             raise
-        prefix = Prefix(inputs, capture=self.model.audio_output,
+        prefix = Prefix(inputs, capture=self.speaks,
                         base=replaces.prefix if replaces is not None else None)
         loop = self._loop()
         loop.open_prefix(prefix)
@@ -268,8 +281,10 @@ class Omni:
             frames = opts.max_audio_frames
             if frames is None:
                 frames = self.max_audio_frames
+            device = (self.model.talker.model.norm.weight.device if self.model.audio_output
+                      else torch.device("cpu"))  # (a remote talker builds its own samplers)
             speech = new_speech(speaker_id, talker, code_predictor_sampling(talker), frames,
-                                self.model.talker.model.norm.weight.device)
+                                device)
         params = _seeded(opts.sampling or GREEDY, opts.seed)
         return Request(inputs, Sampler([params], self.device), opts.max_new_tokens,
                        StreamDecoder(self.tokenizer), speech, stop_strings=opts.stop,
@@ -291,6 +306,23 @@ class Omni:
             out.audio = np.concatenate(audio) if audio else np.zeros(0, np.float32)
             out.sample_rate = self.config.code2wav.sample_rate
         return out
+
+    def _submit(self, loop: EngineLoop, req: Request, deliver: Callable[[object], None]
+                ) -> Callable[[], None]:
+        """Start a request; returns what a caller that goes away calls (a no-op once it is
+        done). With a remote talker, its speech is made there and joins its events here."""
+        if req.speech is None or self.remote_talker is None:
+            loop.submit(req, deliver)
+        else:
+            join = SpeechJoin(req, self.remote_talker, deliver, lambda: loop.abort(req))
+            loop.submit(req, join.from_thinker)
+
+            def cancel() -> None:
+                join.cancel()
+                if not req.finished:
+                    loop.abort(req)
+            return cancel
+        return lambda: None if req.finished else loop.abort(req)
 
     def engine_occupancy(self) -> dict[str, int]:
         """`Engine.occupancy()`; all zeros before the engine has started."""
@@ -314,12 +346,12 @@ class Omni:
 
     def _audio_request(self, return_audio: bool | None, speaker: str | None) -> tuple[bool, int]:
         """(speak?, speaker codec id). return_audio=None means "if the talker is loaded"."""
-        if return_audio and not self.model.audio_output:
+        if return_audio and not self.speaks:
             reason = ("this checkpoint has no talker (a Thinking or Captioner checkpoint)"
                       if not self.config.has_audio_output else
                       "it was loaded with audio_output=False")
             raise ValueError(f"speech output is not available: {reason}")
-        speak = self.model.audio_output if return_audio is None else return_audio
+        speak = self.speaks if return_audio is None else return_audio
         if not speak:
             if speaker is not None and self.config.talker is not None:
                 self.config.talker.speaker(speaker)  # still reject unknown voices

@@ -172,6 +172,17 @@ def load_weights(model: nn.Module, path: str | Path, *, dtype: torch.dtype,
         raise WeightsError(f"cannot load {path}:\n  " + "\n  ".join(errors))
 
 
+def read_rows(path: str | Path, key: str, rows: Iterable[int]) -> torch.Tensor:
+    """Rows of one checkpoint tensor, as stored, without reading the rest of it (a talker
+    alone needs three rows of the thinker's 151k-token embedding table)."""
+    files = checkpoint_files(Path(path))
+    if key not in files:
+        raise WeightsError(f"{path} has no tensor {key}")
+    with safe_open(files[key], "pt", device="cpu") as f:
+        table = f.get_slice(key)
+        return torch.cat([table[r: r + 1] for r in rows])
+
+
 def _fill_expert(m: re.Match, tensor: torch.Tensor, expected: dict, stacked: dict,
                  parts: dict, unused: list, errors: list, dtype: torch.dtype, device) -> None:
     target, half = EXPERT_TARGETS[m["proj"]]

@@ -1,5 +1,6 @@
-"""Runs one Engine on a background thread. Requests are submitted and aborted from any thread
-(the caller's, or the server's event loop); each request's events go to its own callback."""
+"""Runs one Engine (or a `TalkerEngine`: the same surface) on a background thread. Requests are
+submitted and aborted from any thread (the caller's, or the server's event loop); each
+request's events go to its own callback."""
 
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ class EngineLoop:
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout=30)
+
+    def is_alive(self) -> bool:
+        """The engine thread runs (it ends only when closed)."""
+        return self._thread.is_alive()
+
+    def wake(self) -> None:
+        """Look at the engine's work again: something it waits on arrived (a talker's states)."""
+        with self._cv:
+            self._cv.notify()
 
     def submit(self, req: Request, deliver: Deliver) -> None:
         with self._cv:
