@@ -124,6 +124,8 @@ def _serve(args: argparse.Namespace) -> int:
               "reasoning": {"auto": None, "on": True, "off": False}[args.reasoning],
               "allowed_origins": args.allowed_origins.split(",") if args.allowed_origins
               else None, "special_tokens_in_text": args.allow_special_tokens_in_text}
+    if args.talker_replicas is not None and args.replicas is None:
+        args.replicas = 1  # talker replicas speak for engine replicas: one, unless told
     if args.replicas is not None:
         if args.stage_devices:
             raise ValueError("--stage-devices places one engine's stages; it does not go with "
@@ -343,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--replica-gpus", type=float,
                    help="GPUs per replica (default: 1 if the cluster has GPUs, else 0)")
     r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica")
+    r.add_argument("--talker-replicas", type=int, metavar="M",
+                   help="run the talker, code predictor and code2wav on M replicas of their "
+                        "own (--replica-gpus / --replica-cpus each); the engine replicas then "
+                        "hold the thinker alone and hand each speaking request to one of them")
     s.set_defaults(func=_serve)
 
     t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint")

@@ -24,7 +24,7 @@ from websockets.sync.client import connect
 
 from qomni import Omni
 from qomni.audio_out import pcm16
-from qomni.serve_ray import ENGINE, build_app
+from qomni.serve_ray import ENGINE, TALKER, build_app
 from qomni.server.realtime_config import VOICE_ASSISTANT_PROMPT
 from qomni.tiny import make_tiny
 
@@ -33,14 +33,14 @@ HEADER = "x-qomni-replica"
 
 
 class Cluster:
-    def __init__(self, url: str, ref: Omni):
-        self.url, self.ref = url, ref
+    def __init__(self, url: str, ref: Omni, tiny):
+        self.url, self.ref, self.tiny = url, ref, tiny
         self.client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0,
                                     timeout=120)
 
-    def stream(self, messages, **kw):
+    def stream(self, messages, client=None, **kw):
         """(replica header, the stream of chunks)."""
-        raw = self.client.chat.completions.with_raw_response.create(
+        raw = (client or self.client).chat.completions.with_raw_response.create(
             model=MODEL, messages=messages, stream=True, **kw)
         return raw.headers[HEADER], raw.parse()
 
@@ -74,7 +74,7 @@ def cluster(tmp_path_factory):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as a replica with one CPU: the same sums in the same order
         try:
-            yield Cluster(f"http://127.0.0.1:{port}", ref)
+            yield Cluster(f"http://127.0.0.1:{port}", ref, tiny)
         finally:
             torch.set_num_threads(threads)
     finally:
@@ -102,6 +102,8 @@ def test_cli_checks_the_replica_counts(capsys):
     assert "--replicas must be at least 1" in capsys.readouterr().err
     assert main(["serve", "--replicas", "2", "--max-replicas", "1"]) == 2
     assert "--max-replicas 1 is below --replicas 2" in capsys.readouterr().err
+    assert main(["serve", "--talker-replicas", "-1"]) == 2
+    assert "--talker-replicas must be at least 0" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 
@@ -313,6 +315,48 @@ def test_a_replica_killed_mid_stream_errors_its_clients_and_comes_back(cluster):
     conv += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Second"}]
     assert _text_turn(rt, "Second") == cluster.ref.generate(conv, max_new_tokens=4).text
     rt.close()
+
+
+def test_talker_replicas_speak_as_one_process(cluster):
+    """Thinker and talker apart, as a second application on the instance: one engine replica
+    holding the thinker alone, one talker replica (no CPU of their own: the instance's two are
+    taken; one thread each, as Ray gives them). Two speaking streams at once (seeded: the
+    talker samples) and a text one each get what one process gives alone."""
+    serve.run(build_app(str(cluster.tiny), replicas=1, talker_replicas=1, replica_cpus=0,
+                        dtype="float32", device="cpu", server={"model_name": MODEL}),
+              name="apart", route_prefix="/apart")
+    try:
+        client = openai.OpenAI(base_url=cluster.url + "/apart/v1", api_key="none",
+                               max_retries=0, timeout=120)
+        convs = [[{"role": "user", "content": f"Speak apart {i}"}] for i in range(3)]
+        speak = {0, 1}
+        results: list = [None] * 3
+
+        def ask(i):
+            kw = {"max_tokens": 6, "seed": i} | (_speech_kw(8) if i in speak else {})
+            results[i] = _collect(cluster.stream(convs[i], client=client, **kw)[1])
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        for i, conv in enumerate(convs):
+            want = cluster.ref.generate(conv, max_new_tokens=6, seed=i, return_audio=i in speak,
+                                        max_audio_frames=8 if i in speak else None)
+            assert want.audio is None or want.audio.size  # (it did speak)
+            expected_pcm = pcm16(want.audio).tobytes() if i in speak else b""
+            assert results[i] == (want.text, expected_pcm), i
+        handle, deadline = serve.get_deployment_handle(TALKER, "apart"), time.monotonic() + 30
+        while True:  # a job's stream closes just after its last chunk went out
+            talker = handle.stats.remote().result()
+            if talker["served"] == len(speak) and not talker["jobs"]:  # the speech was made there
+                break
+            assert time.monotonic() < deadline, talker
+            time.sleep(0.1)
+        assert talker["running"] == talker["waiting"] == 0
+    finally:
+        serve.delete("apart")
 
 
 def test_shutdown_lets_in_flight_streams_finish(cluster):

@@ -55,11 +55,13 @@ class StatesUpdate:
     eos: bool = False
 
     def to(self, device: torch.device | str) -> StatesUpdate:
-        """The tensors on `device` (the CPU, to cross processes)."""
+        """Copies of the tensors on `device` (the CPU, to cross processes): compact, as a
+        view would pickle its whole storage."""
         p = self.prompt
         if p is not None:
-            p = dataclasses.replace(p, embeds=p.embeds.to(device), hidden=p.hidden.to(device))
-        e = None if self.embeds is None else self.embeds.to(device)
+            p = dataclasses.replace(p, embeds=p.embeds.to(device, copy=True),
+                                    hidden=p.hidden.to(device, copy=True))
+        e = None if self.embeds is None else self.embeds.to(device, copy=True)
         return dataclasses.replace(self, prompt=p, embeds=e)
 
 

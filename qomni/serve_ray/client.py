@@ -27,7 +27,7 @@ from ray import exceptions as ray_errors
 from ray.serve.handle import DeploymentHandle
 
 from qomni.cancel import check_cancelled
-from qomni.serve_ray.replica import ReplicaGone
+from qomni.serve_ray.router import ReplicaGone
 from qomni.server.wire import APIError
 
 

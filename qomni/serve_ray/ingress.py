@@ -15,7 +15,7 @@ from ray.serve.handle import DeploymentHandle
 
 from qomni.serve_ray import live
 from qomni.serve_ray.client import Connection, ReplicatedOmni, connection
-from qomni.serve_ray.replica import ReplicaGone
+from qomni.serve_ray.router import ReplicaGone
 from qomni.server.state import ENGINE_GAUGES
 
 REPLICA_HEADER = b"x-qomni-replica"

@@ -16,25 +16,29 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from qomni.engine.config import EngineConfig
 from qomni.events import Finished
 from qomni.omni import Omni
 from qomni.prefix import PromptPrefix
-
-
-class ReplicaGone(RuntimeError):
-    """The replica a call was meant for is not the one that got it (it is gone)."""
+from qomni.serve_ray.router import ReplicaGone
+from qomni.serve_ray.talker import RayTalker
 
 
 class EngineReplica:
     def __init__(self, model: str | None = None, *, dtype: str | None = None,
                  device: str | None = None, audio_output: bool | None = None,
                  quantization: str | None = None, engine_options: dict[str, Any] | None = None,
-                 max_prefixes: int = 64):
-        self.omni = Omni.load(model, dtype=dtype, device=device, audio_output=audio_output,
+                 max_prefixes: int = 64, talker: DeploymentHandle | None = None):
+        """`talker`: the talker replicas (talker.py), which then speak for this one: it loads
+        the thinker alone."""
+        self.omni = Omni.load(model, dtype=dtype, device=device,
+                              audio_output=False if talker is not None else audio_output,
                               quantization=quantization, progress=False,
                               engine=EngineConfig(**(engine_options or {})))
+        if talker is not None:
+            self.omni.remote_talker = RayTalker(talker)
         ctx = serve.get_replica_context()
         self.id = ctx.replica_id.unique_id
         self.prefixes: OrderedDict[str, PromptPrefix] = OrderedDict()
@@ -55,7 +59,7 @@ class EngineReplica:
         """What the ingress needs to validate requests without the weights."""
         omni = self.omni
         return {"replica": self.id, "path": str(omni.path), "config": omni.config,
-                "processor": omni.processor, "audio_output": bool(omni.model.audio_output),
+                "processor": omni.processor, "audio_output": omni.speaks,
                 "max_model_len": omni.max_model_len, "max_audio_frames": omni.max_audio_frames}
 
     async def astream(self, messages: list[dict], kwargs: dict[str, Any],
@@ -120,8 +124,6 @@ class EngineReplica:
                 "engine": self.omni.engine_occupancy()}
 
     def check_health(self) -> None:
-        """Serve calls this periodically; raising marks the replica unhealthy (it is replaced).
-        The engine thread exists once the first request started it."""
-        loop = self.omni._engine_loop
-        if loop is not None and not loop._thread.is_alive():
+        """Serve calls this periodically; raising marks the replica unhealthy (it is replaced)."""
+        if not self.omni.alive():
             raise RuntimeError("the engine thread has stopped")

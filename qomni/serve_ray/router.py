@@ -16,6 +16,10 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 from qomni.serve_ray import live
 
 
+class ReplicaGone(RuntimeError):
+    """The replica a call was meant for is not the one that got it (it is gone)."""
+
+
 class PinnedOrLeastLoaded(FIFOMixin, RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)

@@ -1,0 +1,175 @@
+"""Talker replicas: the talker, code predictor and code2wav of each speaking request on a Serve
+deployment of their own (`qomni serve --talker-replicas M`), apart from the engine replicas,
+which then load the thinker alone.
+
+An engine replica's `Omni` has a `RayTalker` as its remote talker (engine/speech_link.py). For
+each speaking request it opens one streaming call, `TalkerReplica.talk`, with the prompt's
+thinker states, on the less loaded of two talker replicas; the stream answers that replica's
+id, then the request's audio chunks and the end of its speech. The states of later thinker
+steps follow in `feed` calls pinned to that replica (router.py), in order, one call in flight
+per request: what piles up while one is on its way goes in the next.
+
+What crosses per request: the prompt's states once (input embeddings and accept-layer hidden
+states, 2 x S x Dt in the thinker's dtype, with the ids and media grids), then per spoken token
+its input embedding (Dt) and id; back come the samples (float32, 1920 per frame) and, at the
+end, the codes. docs/scaling.md has the figures."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ray import exceptions as ray_errors
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from qomni.engine.config import EngineConfig
+from qomni.engine.loop import EngineLoop
+from qomni.engine.talker_engine import SpeechEnd, TalkerEngine, TalkJob
+from qomni.engine.thinker_states import StatesUpdate
+from qomni.serve_ray.router import ReplicaGone
+from qomni.server.wire import APIError
+
+
+class TalkerReplica:
+    def __init__(self, model: str | None = None, *, dtype: str | None = None,
+                 device: str | None = None, quantization: str | None = None,
+                 engine_options: dict[str, Any] | None = None):
+        self.engine = TalkerEngine.load(model, dtype=dtype, device=device,
+                                        quantization=quantization, progress=False,
+                                        engine=EngineConfig(**(engine_options or {})))
+        self.loop = EngineLoop(self.engine)
+        self.id = serve.get_replica_context().replica_id.unique_id
+        self.jobs: dict[str, TalkJob] = {}
+        self.served = 0  # jobs that ended (spoken, failed or dropped)
+
+    async def talk(self, first: StatesUpdate) -> AsyncIterator[Any]:
+        """(this replica's id, the job's id), then the job's AudioChunks and its SpeechEnd.
+        `first`: the request's first thinker states (its prompt's). Cancelling the stream (the
+        request ended elsewhere) drops the job."""
+        job = TalkJob()
+        events: asyncio.Queue = asyncio.Queue()
+        aio = asyncio.get_running_loop()
+        self.jobs[job.id] = job
+        job.feed(first)
+        self.loop.submit(job, lambda ev: aio.call_soon_threadsafe(events.put_nowait, ev))
+        try:
+            yield self.id, job.id
+            while True:
+                ev = await events.get()
+                if isinstance(ev, Exception):
+                    raise ev
+                yield ev
+                if isinstance(ev, SpeechEnd):
+                    return
+        finally:
+            del self.jobs[job.id]
+            self.served += 1
+            if not job.finished:
+                self.loop.abort(job)
+
+    async def feed(self, job_id: str, updates: list[StatesUpdate], home: str | None = None
+                   ) -> None:
+        """A job's next thinker states, in order."""
+        if home and home != self.id:
+            raise ReplicaGone(f"talker replica {home} is gone (this is {self.id})")
+        job = self.jobs.get(job_id)
+        if job is None:  # it ended: its stream was cancelled, or it failed
+            return
+        for update in updates:
+            job.feed(update)
+        self.loop.wake()
+
+    async def stats(self) -> dict[str, Any]:
+        e = self.engine
+        return {"replica": self.id, "served": self.served, "jobs": len(self.jobs),
+                "running": len(e.running), "waiting": len(e.waiting),
+                "free_rows": len(e.free_rows)}
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy (replaced)."""
+        if not self.loop.is_alive():
+            raise RuntimeError("the talker engine thread has stopped")
+
+
+class RayTalker:
+    """A `speech_link.TalkerLink` to the talker replicas, for an engine replica: its channels
+    run on the event loop of the call that opens them (the replica's)."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    def open(self, deliver: Callable[[object], None]) -> _RayChannel:
+        return _RayChannel(self.handle, deliver, asyncio.get_running_loop())
+
+
+class _RayChannel:
+    def __init__(self, handle: DeploymentHandle, deliver: Callable[[object], None],
+                 aio: asyncio.AbstractEventLoop):
+        self.handle, self.deliver, self.aio = handle, deliver, aio
+        self.queue: asyncio.Queue[StatesUpdate] = asyncio.Queue()
+        self.task: asyncio.Task | None = None  # from the first states on
+        self.closed = False
+
+    def send(self, update: StatesUpdate) -> None:
+        # Compact CPU copies now, on the engine thread: a view would pickle its whole storage,
+        # and the engine reuses its buffers.
+        self.aio.call_soon_threadsafe(self._put, update.to("cpu"))
+
+    def abort(self) -> None:
+        self.aio.call_soon_threadsafe(self._close)
+
+    def _put(self, update: StatesUpdate) -> None:
+        if self.closed:
+            return
+        if self.task is None:
+            self.task = self.aio.create_task(self._run())
+        self.queue.put_nowait(update)
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        stream = self.handle.options(stream=True).talk.remote(await self.queue.get())
+        feeder = None
+        try:
+            replica, job = await anext(stream)
+            feeder = asyncio.create_task(self._feed(replica, job))
+            async for ev in stream:
+                self.deliver(ev)
+                if isinstance(ev, SpeechEnd):
+                    break
+        except Exception as e:  # noqa: BLE001 - this request's speech fails, as it said
+            self.deliver(_talker_error(e))
+        finally:
+            stream.cancel()  # a no-op once it ended; else the talker drops the job
+            if feeder is not None:
+                feeder.cancel()
+
+    async def _feed(self, replica: str, job: str) -> None:
+        handle = self.handle.options(session_id=replica)
+        try:
+            while True:
+                batch = [await self.queue.get()]
+                while not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                await handle.feed.remote(job, batch, home=replica)
+                if batch[-1].done:
+                    return
+        except Exception as e:  # noqa: BLE001
+            self.deliver(_talker_error(e))
+            self._close()
+
+
+def _talker_error(e: Exception) -> Exception:
+    """What the talker raised (a ValueError is the request's fault: a 400), or a 503 when the
+    talker replica died."""
+    if isinstance(e, ray_errors.RayTaskError) and isinstance(e.cause, Exception):
+        e = e.cause
+    if isinstance(e, (ReplicaGone, ray_errors.RayActorError, ray_errors.ActorUnavailableError)):
+        return APIError(503, f"the talker replica stopped while speaking ({type(e).__name__}); "
+                        "retry the request", code="replica_unavailable")
+    return e
