@@ -6,8 +6,8 @@ An engine replica's `Omni` has a `RayTalker` as its remote talker (engine/speech
 each speaking request it opens one streaming call, `TalkerReplica.talk`, with the prompt's
 thinker states, on the less loaded of two talker replicas; the stream answers that replica's
 id, then the request's audio chunks and the end of its speech. The states of later thinker
-steps follow in `feed` calls pinned to that replica (router.py), in order, one call in flight
-per request: what piles up while one is on its way goes in the next.
+steps follow in `feed` calls pinned to that replica (router.py), in order: one call in flight
+per talker replica, carrying what every request going there got since the last one.
 
 What crosses per request: the prompt's states once (input embeddings and accept-layer hidden
 states, 2 x S x Dt in the thinker's dtype, with the ids and media grids), then per spoken token
@@ -44,15 +44,16 @@ class TalkerReplica:
         self.jobs: dict[str, TalkJob] = {}
         self.served = 0  # jobs that ended (spoken, failed or dropped)
 
-    async def talk(self, first: StatesUpdate) -> AsyncIterator[Any]:
+    async def talk(self, first: list[StatesUpdate]) -> AsyncIterator[Any]:
         """(this replica's id, the job's id), then the job's AudioChunks and its SpeechEnd.
-        `first`: the request's first thinker states (its prompt's). Cancelling the stream (the
-        request ended elsewhere) drops the job."""
+        `first`: the request's first thinker states (its prompt's, and those sent since).
+        Cancelling the stream (the request ended elsewhere) drops the job."""
         job = TalkJob()
         events: asyncio.Queue = asyncio.Queue()
         aio = asyncio.get_running_loop()
         self.jobs[job.id] = job
-        job.feed(first)
+        for update in first:
+            job.feed(update)
         self.loop.submit(job, lambda ev: aio.call_soon_threadsafe(events.put_nowait, ev))
         try:
             yield self.id, job.id
@@ -69,16 +70,17 @@ class TalkerReplica:
             if not job.finished:
                 self.loop.abort(job)
 
-    async def feed(self, job_id: str, updates: list[StatesUpdate], home: str | None = None
+    async def feed(self, updates: dict[str, list[StatesUpdate]], home: str | None = None
                    ) -> None:
-        """A job's next thinker states, in order."""
+        """Jobs' next thinker states (job id -> its states, in order)."""
         if home and home != self.id:
             raise ReplicaGone(f"talker replica {home} is gone (this is {self.id})")
-        job = self.jobs.get(job_id)
-        if job is None:  # it ended: its stream was cancelled, or it failed
-            return
-        for update in updates:
-            job.feed(update)
+        for job_id, states in updates.items():
+            job = self.jobs.get(job_id)
+            if job is None:  # it ended: its stream was cancelled, or it failed
+                continue
+            for update in states:
+                job.feed(update)
         self.loop.wake()
 
     async def stats(self) -> dict[str, Any]:
@@ -94,21 +96,57 @@ class TalkerReplica:
 
 
 class RayTalker:
-    """A `speech_link.TalkerLink` to the talker replicas, for an engine replica: its channels
-    run on the event loop of the call that opens them (the replica's)."""
+    """A `speech_link.TalkerLink` to the talker replicas, for an engine replica. Its channels
+    and senders run on the event loop of the calls that open them (the replica's)."""
 
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
+        self.senders: dict[str, _Sender] = {}  # by talker replica, while they have states
 
     def open(self, deliver: Callable[[object], None]) -> _RayChannel:
-        return _RayChannel(self.handle, deliver, asyncio.get_running_loop())
+        return _RayChannel(self, deliver, asyncio.get_running_loop())
+
+    def send(self, replica: str, channel: _RayChannel, job: str,
+             updates: list[StatesUpdate]) -> None:
+        sender = self.senders.get(replica)
+        if sender is None:
+            sender = self.senders[replica] = _Sender(self, replica)
+        sender.put(channel, job, updates)
+
+
+class _Sender:
+    """The states going to one talker replica: one feed call in flight, carrying what every
+    request's engine steps made since the last one (a call per engine step, not per request)."""
+
+    def __init__(self, talker: RayTalker, replica: str):
+        self.talker, self.replica = talker, replica
+        self.handle = talker.handle.options(session_id=replica)
+        self.pending: dict[str, tuple[_RayChannel, list[StatesUpdate]]] = {}
+        self.task: asyncio.Task | None = None
+
+    def put(self, channel: _RayChannel, job: str, updates: list[StatesUpdate]) -> None:
+        self.pending.setdefault(job, (channel, []))[1].extend(updates)
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending, {}
+            try:
+                await self.handle.feed.remote({job: ups for job, (_, ups) in batch.items()},
+                                              home=self.replica)
+            except Exception as e:  # noqa: BLE001 - these requests' speech fails
+                for channel, _ in batch.values():
+                    channel.fail(_talker_error(e))
+        self.talker.senders.pop(self.replica, None)
 
 
 class _RayChannel:
-    def __init__(self, handle: DeploymentHandle, deliver: Callable[[object], None],
+    def __init__(self, talker: RayTalker, deliver: Callable[[object], None],
                  aio: asyncio.AbstractEventLoop):
-        self.handle, self.deliver, self.aio = handle, deliver, aio
-        self.queue: asyncio.Queue[StatesUpdate] = asyncio.Queue()
+        self.talker, self.deliver, self.aio = talker, deliver, aio
+        self.backlog: list[StatesUpdate] = []  # until its talker replica is known
+        self.home: tuple[str, str] | None = None  # (talker replica, job id) once known
         self.task: asyncio.Task | None = None  # from the first states on
         self.closed = False
 
@@ -120,12 +158,21 @@ class _RayChannel:
     def abort(self) -> None:
         self.aio.call_soon_threadsafe(self._close)
 
+    def fail(self, error: Exception) -> None:
+        if not self.closed:
+            self.deliver(error)
+            self._close()
+
     def _put(self, update: StatesUpdate) -> None:
         if self.closed:
             return
+        if self.home is not None:
+            replica, job = self.home
+            self.talker.send(replica, self, job, [update])
+            return
+        self.backlog.append(update)
         if self.task is None:
             self.task = self.aio.create_task(self._run())
-        self.queue.put_nowait(update)
 
     def _close(self) -> None:
         self.closed = True
@@ -133,11 +180,15 @@ class _RayChannel:
             self.task.cancel()
 
     async def _run(self) -> None:
-        stream = self.handle.options(stream=True).talk.remote(await self.queue.get())
-        feeder = None
+        await asyncio.sleep(0)  # states already on their way come along
+        first, self.backlog = self.backlog, []
+        stream = self.talker.handle.options(stream=True).talk.remote(first)
         try:
             replica, job = await anext(stream)
-            feeder = asyncio.create_task(self._feed(replica, job))
+            self.home = replica, job
+            if self.backlog:
+                self.talker.send(replica, self, job, self.backlog)
+                self.backlog = []
             async for ev in stream:
                 self.deliver(ev)
                 if isinstance(ev, SpeechEnd):
@@ -145,23 +196,8 @@ class _RayChannel:
         except Exception as e:  # noqa: BLE001 - this request's speech fails, as it said
             self.deliver(_talker_error(e))
         finally:
+            self.closed = True
             stream.cancel()  # a no-op once it ended; else the talker drops the job
-            if feeder is not None:
-                feeder.cancel()
-
-    async def _feed(self, replica: str, job: str) -> None:
-        handle = self.handle.options(session_id=replica)
-        try:
-            while True:
-                batch = [await self.queue.get()]
-                while not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
-                await handle.feed.remote(job, batch, home=replica)
-                if batch[-1].done:
-                    return
-        except Exception as e:  # noqa: BLE001
-            self.deliver(_talker_error(e))
-            self._close()
 
 
 def _talker_error(e: Exception) -> Exception:
