@@ -130,3 +130,34 @@ def test_states_out_of_order_fail_the_job(apart):
     channel.send(StatesUpdate(tokens=[1]))
     err = got.get(timeout=30)
     assert isinstance(err, ValueError) and "before the prompt" in str(err)
+
+
+def test_static_steps_apart_equal_one_process(tiny):
+    """With cuda_graphs on (on the CPU the static steps run uncaptured), as a GPU deployment
+    runs: the talker engine's static talker steps and pooled vocoder give the engine's speech."""
+    engine = EngineConfig(cuda_graphs=True)
+    ref = Omni.load(tiny, engine=engine, **LOAD)
+    omni = Omni.load(tiny, audio_output=False, engine=engine, **LOAD)
+    link = omni.remote_talker = LocalTalker(TalkerEngine.load(tiny, engine=engine, **LOAD))
+    try:
+        assert link.engine.stage.runner.talker_static is not None
+        for kw in ({"talker_sampling": GREEDY_TALKER}, {"seed": 5}):
+            kw |= {"max_new_tokens": 10, "max_audio_frames": 12}
+            assert_same(omni.generate(CONVS[0], **kw), ref.generate(CONVS[0], **kw))
+    finally:
+        link.close()
+
+
+def test_a_talker_that_fails_ends_its_request_and_the_next_one_speaks(apart, ref, monkeypatch):
+    stage = apart.remote_talker.engine.stage
+
+    def broken(jobs):
+        raise RuntimeError("talker step failed")
+
+    monkeypatch.setattr(stage, "step", broken)
+    with pytest.raises(RuntimeError, match="talker step failed"):
+        apart.generate(CONVS[0], max_new_tokens=30, max_audio_frames=20)
+    monkeypatch.undo()
+    kw = {"max_new_tokens": 6, "max_audio_frames": 8, "talker_sampling": GREEDY_TALKER}
+    assert_same(apart.generate(CONVS[0], **kw), ref.generate(CONVS[0], **kw))
+    assert apart.engine_occupancy()["running"] == 0  # the failed request's text stopped too
