@@ -185,7 +185,8 @@ def _bench(args: argparse.Namespace) -> int:
         config = (json.loads(Path(args.full_size_config).read_text()) if args.full_size_config
                   else None)
         model = str(full_size_checkpoint(args.quantization, config))
-        settings = dataclasses.replace(settings, batches=(1,))  # one turn, one KV cache row
+        # one turn, one KV cache row; its reply streamed to the end (the turn's real-time factor)
+        settings = dataclasses.replace(settings, batches=(1,), reply_to_end=True)
         dtype = dtype or "bfloat16"  # the unquantized parts in fp32 would not fit 24 GiB
     settings = settings.changed(args.set)
     load = Load(dtype=dtype, device=args.device, quantization=args.quantization)

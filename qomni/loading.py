@@ -3,6 +3,7 @@ its weights (what `Omni.load` does before it builds the processor and the engine
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -126,4 +127,16 @@ def load_model(path: Path, cfg: OmniConfig, dtype: str | torch.dtype | None,
         pack_attention(net, (dtype,))  # q, k, v joined: before the linears are packed
         pack_linears(net, (dtype,))  # decode-sized matmuls read the weights 1.3-3x faster
         pack_experts(net, (dtype,))
+    release_free_memory()
     return net, quantized
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim). Loading frees a
+    transient tensor for every weight it converts or packs, and glibc keeps freed heap memory
+    for reuse: trimmed, what is left resident is the weights (what the memory budget of a
+    quantized full-size model counts). Elsewhere (no glibc) nothing happens."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

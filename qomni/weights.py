@@ -24,8 +24,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
+
+from qomni.tensor_file import read_header, read_tensors
 
 
 class WeightsError(ValueError):
@@ -59,8 +60,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     single = path / SINGLE_FILE
     if not single.exists():
         raise WeightsError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
-    with safe_open(single, "pt") as f:
-        return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    return dict.fromkeys(read_header(single)[0], single)
 
 
 @contextmanager
@@ -115,35 +115,35 @@ def load_weights(model: nn.Module, path: str | Path, *, dtype: torch.dtype,
     bar = _progress(total, progress)
 
     for file, keys in sorted(by_file.items()):
-        with safe_open(file, "pt", device="cpu") as f:
-            present = set(f.keys())
-            for key in sorted(keys):
-                bar.update(1)
-                if key not in present:
-                    errors.append(f"{key}: listed in the index but missing from {file.name}")
-                    continue
-                tensor = f.get_tensor(key)
-                sink = _sink_of(key, sinks) if sinks and key not in expected else None
-                if sink is not None:
-                    try:
-                        sinks[sink].load_part(key[len(sink) + 1:], tensor)
-                    except ValueError as e:
-                        errors.append(f"{key.rpartition('.')[0]}: {e}")
-                    continue
-                m = EXPERT_KEY.match(key)
-                if m:
-                    _fill_expert(m, tensor, expected, stacked, expert_parts, unused, errors,
-                                 dtype, device_of(key))
-                    continue
-                if key not in expected:
-                    unused.append(key)
-                    continue
-                if tuple(tensor.shape) != tuple(expected[key]):
-                    errors.append(f"{key}: checkpoint shape {tuple(tensor.shape)}, "
-                                  f"model expects {tuple(expected[key])}")
-                    continue
-                _set_param(model, key, _convert(tensor, dtype, device_of(key)))
-                filled.add(key)
+        present = set(read_header(file)[0])
+        for key in sorted(set(keys) - present):
+            bar.update(1)
+            errors.append(f"{key}: listed in the index but missing from {file.name}")
+        # each tensor in memory of its own (a memory map's pages would count as this
+        # process's until the mapping is gone: see qomni.tensor_file)
+        for key, tensor in read_tensors(file, [k for k in keys if k in present]):
+            bar.update(1)
+            sink = _sink_of(key, sinks) if sinks and key not in expected else None
+            if sink is not None:
+                try:
+                    sinks[sink].load_part(key[len(sink) + 1:], tensor)
+                except ValueError as e:
+                    errors.append(f"{key.rpartition('.')[0]}: {e}")
+                continue
+            m = EXPERT_KEY.match(key)
+            if m:
+                _fill_expert(m, tensor, expected, stacked, expert_parts, unused, errors,
+                             dtype, device_of(key))
+                continue
+            if key not in expected:
+                unused.append(key)
+                continue
+            if tuple(tensor.shape) != tuple(expected[key]):
+                errors.append(f"{key}: checkpoint shape {tuple(tensor.shape)}, "
+                              f"model expects {tuple(expected[key])}")
+                continue
+            _set_param(model, key, _convert(tensor, dtype, device_of(key)))
+            filled.add(key)
     bar.close()
 
     for name, tensor in stacked.items():

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from qomni.config import OmniConfig
 from qomni.tiny import make_tiny
 
 # small enough for a test: 2.5 s of audio (one finished audio window in the tiny config)
@@ -20,8 +21,8 @@ SETTINGS = {"audio_seconds": 2.5, "image_size": 64, "decode_tokens": 3, "talker_
             "code2wav_frames": 6, "e2e_frames": 4, "reply_tokens": 4, "reply_frames": 6,
             "batches": [1, 2]}
 STAGES = ["prefill", "audio_encoder", "vision_encoder", "thinker_lm", "thinker_decode",
-          "talker_prefill", "talker", "code_predictor", "talker_step", "code2wav_stream",
-          "code2wav_full"]
+          "thinker_decode_layer", "talker_prefill", "talker_step_layer", "talker",
+          "code_predictor", "talker_step", "code2wav_stream", "code2wav_full"]
 REFERENCE_STAGES = {"prefill", "audio_encoder", "vision_encoder", "thinker_decode",
                     "talker_prefill", "talker", "code2wav_full"}
 METRICS = {"prefill_s", "audio_encoder_s", "vision_encoder_s", "thinker_decode_tok_per_s",
@@ -123,6 +124,14 @@ def test_every_stage_is_measured_and_below_no_floor(run):
     frame_s = 0.08
     for name in ("code2wav_stream", "code2wav_full"):
         assert 0 < stages[name]["work"] <= SETTINGS["code2wav_frames"] * frame_s
+    # a decoder layer's row is its share of the step: the layers within the step's time and bytes
+    cfg = OmniConfig.from_hf(results["model"]["path"])
+    for layer, whole, n in (("thinker_decode_layer", "thinker_decode",
+                             cfg.thinker.text.num_hidden_layers),
+                            ("talker_step_layer", "talker_step", cfg.talker.text.num_hidden_layers)):
+        assert stages[layer]["work"] == stages[whole]["work"]
+        assert stages[layer]["seconds"] * n < stages[whole]["seconds"], layer
+        assert stages[layer]["bytes_read"] * n < stages[whole]["bytes_read"], layer
     # one stage is the sum of its parts
     assert stages["talker"]["bytes_read"] == pytest.approx(
         stages["code_predictor"]["bytes_read"] + stages["talker_step"]["bytes_read"])

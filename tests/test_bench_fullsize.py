@@ -49,10 +49,19 @@ def test_full_size_run_on_a_small_config(tmp_path):
     assert q["quantization"]["lm_heads"] == "int8 (quantized on load)"
     for key in ("peak_rss_gib", "load_s"):
         assert q[key] > 0
+    assert 0 < q["peak_rss_load_gib"] <= q["peak_rss_gib"]
     for name in ("prefill", "thinker_decode", "talker", "code2wav_stream"):
         assert q["stages"][name]["seconds"] > 0
-    assert q["stages"]["thinker_decode"]["floor_seconds"] > 0
-    assert q["e2e"]["time_to_first_audio_s"] > 0 and q["throughput"][0]["audio_s"] > 0
+    for name in ("thinker_decode", "thinker_decode_layer", "talker_step_layer"):
+        assert q["stages"][name]["floor_seconds"] > 0
+    # a layer's share is part of the step it was timed in
+    assert q["stages"]["thinker_decode_layer"]["seconds"] < q["stages"]["thinker_decode"]["seconds"]
+    e2e = q["e2e"]
+    assert e2e["time_to_first_audio_s"] > 0 and q["throughput"][0]["audio_s"] > 0
+    # the turn's reply streamed to its end (past its first chunk), and its real-time factor
+    assert e2e["audio_s"] > e2e["first_chunk_s"] > 0
+    assert e2e["rtf"] == pytest.approx(e2e["wall_s"] / e2e["audio_s"])
+    assert "real-time factor" in proc.stdout and "one decoder layer" in proc.stdout
 
     [path] = (tmp_path / "cache" / "qomni").glob("fullsize-*")
     tensors = read_tensors(path)

@@ -22,7 +22,8 @@ THROUGHPUT = "speech_throughput_batch"  # + the batch: audio seconds per wall-cl
 STAGE_LABELS = {
     "prefill": "prefill (encoders + thinker)", "audio_encoder": "  audio encoder",
     "vision_encoder": "  vision encoder", "thinker_lm": "  thinker LM",
-    "thinker_decode": "thinker decode, batch 1", "talker_prefill": "talker prefill",
+    "thinker_decode": "thinker decode, batch 1", "thinker_decode_layer": "  one decoder layer",
+    "talker_prefill": "talker prefill", "talker_step_layer": "talker step: one decoder layer",
     "talker": "talker frame incl. code predictor", "code_predictor": "  code predictor (15 cb)",
     "talker_step": "  talker step", "code2wav_stream": "code2wav, streaming chunks",
     "code2wav_full": "code2wav, whole utterance",
@@ -100,8 +101,9 @@ def _qomni_report(r: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str
     c = r["calibration"]
     lines = [
         (f"qomni on {r['device']} {r['dtype']}, {r['threads']} threads, "
-         f"{r['params'] / 1e9:.2f} B parameters; peak RSS {r['peak_rss_gib']:.1f} GiB; load "
-         f"average {r['load_average_after']:.1f} at the end"),
+         f"{r['params'] / 1e9:.2f} B parameters; peak RSS {r['peak_rss_gib']:.1f} GiB "
+         f"({r['peak_rss_load_gib']:.1f} GiB by the end of loading); load average "
+         f"{r['load_average_after']:.1f} at the end"),
         (f"loaded in {r['load_s']:.1f} s; quantized: " + (", ".join(
             f"{k} {v}" for k, v in r["quantization"].items()) or "nothing")),
         (f"calibration: memory read {c['read_bytes_per_s'] / 1e9:.1f} GB/s; GEMM "
@@ -116,7 +118,9 @@ def _qomni_report(r: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str
     lines += ["", (f"time to first audio, Omni.stream of a {e['tokens']}-token, "
                    f"{e['frames']}-frame reply: first text {e['time_to_first_text_s']:.2f} s, first audio "
                    f"{e['time_to_first_audio_s']:.2f} s ({e['first_chunk_s'] * 1e3:.0f} ms "
-                   "chunk)"),
+                   "chunk)" + (f"; the whole turn {e['audio_s']:.2f} s of speech in "
+                               f"{e['wall_s']:.2f} s, real-time factor {e['rtf']:.2f}"
+                               if "rtf" in e else "")),
               _voice_line(r.get("voice_turn"), settings),
               (f"speech throughput, Omni.generate ({settings['decode_tokens']} text tokens + "
                f"{settings['e2e_frames']} frames per request):")]

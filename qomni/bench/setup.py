@@ -91,6 +91,8 @@ class Settings:
     reply_tokens: int = 64
     reply_frames: int = 256
     batches: tuple[int, ...] = (1, 4, 8)  # concurrent requests for speech throughput
+    # Read the time-to-first-audio reply to its end: the turn's real-time factor as well.
+    reply_to_end: bool = False
 
     def __post_init__(self) -> None:
         # per-step medians need a few steps (the reference's first step is its prefill)
@@ -115,8 +117,13 @@ class Settings:
                                  f"{', '.join(names)}")
             kind = type(getattr(self, name))
             try:
-                changes[name] = (tuple(int(v) for v in value.split(",")) if kind is tuple
-                                 else kind(value))
+                if kind is bool:
+                    if value.lower() not in ("true", "false", "1", "0"):
+                        raise ValueError(value)
+                    changes[name] = value.lower() in ("true", "1")
+                else:
+                    changes[name] = (tuple(int(v) for v in value.split(",")) if kind is tuple
+                                     else kind(value))
             except ValueError:
                 raise ValueError(f"--set {item!r}: {value!r} is not a valid {name} "
                                  f"({'comma-separated ints' if kind is tuple else kind.__name__})"

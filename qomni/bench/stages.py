@@ -101,13 +101,33 @@ def _decode_stage(model: OmniModel, inputs: ProcessedInputs, pre: Prefill, token
 
     token = step(token)  # warm-up
     times = []
-    for _ in range(steps):
-        seconds, token = timed(partial(step, token), device)
-        times.append(seconds)
-    per_step = weight_bytes(thinker.model) + weight_bytes(thinker.lm_head) + kv_bytes(
-        model.cfg.thinker.text, len(inputs) + steps / 2, thinker.lm_head.weight.element_size())
+    layers = thinker.model.layers
+    with _layer_timer(layers, device) as timer:
+        for _ in range(steps):
+            seconds, token = timed(partial(step, token), device)
+            times.append(seconds)
+    kv = kv_bytes(model.cfg.thinker.text, len(inputs) + steps / 2,
+                  thinker.lm_head.weight.element_size())
+    per_step = weight_bytes(thinker.model) + weight_bytes(thinker.lm_head) + kv
     stages["thinker_decode"] = stage(median(times) * steps, steps, "tok",
                                      bytes_read=per_step * steps)
+    stages["thinker_decode_layer"] = _layer_row(timer, layers, steps, "tok", kv)
+
+
+def _layer_timer(layers: torch.nn.ModuleList, device: torch.device) -> CallTimer:
+    return CallTimer({str(i): layer for i, layer in enumerate(layers)}, device)
+
+
+def _layer_row(timer: CallTimer, layers: torch.nn.ModuleList, steps: int, unit: str,
+               kv: float) -> dict[str, Any]:
+    """One decoder layer's share of a step (the median step's layers ÷ their count), against
+    one layer's bytes: what compares across depths (a shallow and the full-depth model) and
+    across dtypes without the embeddings and heads. `timer` saw the last `steps` steps."""
+    n = len(layers)
+    calls = [timer.calls[str(i)][-steps:] for i in range(n)]
+    per_step = [sum(c[s][0] for c in calls) for s in range(steps)]
+    per_layer = (weight_bytes(layers) + kv) / n
+    return stage(median(per_step) / n * steps, steps, unit, bytes_read=per_layer * steps)
 
 
 def _talker_stages(model: OmniModel, inputs: ProcessedInputs, pre: Prefill, token: torch.Tensor,
@@ -140,13 +160,14 @@ def _talker_stages(model: OmniModel, inputs: ProcessedInputs, pre: Prefill, toke
                               device)
     code0 = choose(hidden)
     predictor, steps = [], []
-    for frame in range(frames + 1):  # frame 0 is a warm-up
-        t1, (_, codec_next) = timed(partial(talker.predict_residuals, hidden, code0), device)
-        t2, hidden = timed(partial(step, codec_next), device)
-        code0 = choose(hidden)
-        if frame:
-            predictor.append(t1)
-            steps.append(t2)
+    with _layer_timer(talker.model.layers, device) as timer:
+        for frame in range(frames + 1):  # frame 0 is a warm-up
+            t1, (_, codec_next) = timed(partial(talker.predict_residuals, hidden, code0), device)
+            t2, hidden = timed(partial(step, codec_next), device)
+            code0 = choose(hidden)
+            if frame:
+                predictor.append(t1)
+                steps.append(t2)
     cp = talker.code_predictor
     element = talker.codec_head.weight.element_size()
     # every code-predictor step reads all its layers; each codebook's head is read once a frame
@@ -155,6 +176,8 @@ def _talker_stages(model: OmniModel, inputs: ProcessedInputs, pre: Prefill, toke
                   + weight_bytes(talker.text_projection)
                   + kv_bytes(tcfg.text, n + frames / 2, element))
     stages["talker_prefill"] = stage(prefill_s, n, "tok")
+    stages["talker_step_layer"] = _layer_row(timer, talker.model.layers, frames, "frames",
+                                             kv_bytes(tcfg.text, n + frames / 2, element))
     both = [a + b for a, b in zip(predictor, steps)]
     stages["talker"] = stage(median(both) * frames, frames, "frames",
                              bytes_read=(cp_bytes + step_bytes) * frames)
@@ -187,25 +210,35 @@ def _code2wav_stages(model: OmniModel, frames: int, stages: Stages) -> None:
                              flops=counter.get_total_flops())
 
 
-def _first_audio(omni: Omni, conversation: list, settings: Settings,
+def _first_audio(omni: Omni, conversation: list, settings: Settings, to_end: bool = False,
                  **options: Any) -> dict[str, float]:
     """One long spoken reply through Omni.stream: times from the call to the first text and the
-    first audio chunk. The stream is closed there (which aborts the request): the rest of the
-    reply is what the throughput runs measure."""
+    first audio chunk. The stream is closed there (which aborts the request: the rest of the
+    reply is what the throughput runs measure), or with `to_end` read to its end: then also the
+    whole turn's wall time and speech, and their real-time factor (wall ÷ speech)."""
     stream = omni.stream(conversation, max_new_tokens=settings.reply_tokens,
                          max_audio_frames=settings.reply_frames, talker_sampling=GREEDY_TALKER,
                          speaker=DEFAULT_SPEAKER, **options)
-    first_text = None
+    rate = omni.config.code2wav.sample_rate
+    out: dict[str, float] = {}
+    first_text, samples = None, 0
     start = time.perf_counter()
     for event in stream:
         now = time.perf_counter() - start
         if isinstance(event, TextDelta) and first_text is None:
             first_text = now
         elif isinstance(event, AudioChunk):
-            stream.close()
-            return {"time_to_first_text_s": first_text, "time_to_first_audio_s": now,
-                    "first_chunk_s": event.pcm.size / omni.config.code2wav.sample_rate}
-    raise RuntimeError("the reply ended without audio")
+            samples += event.pcm.size
+            if not out:
+                out = {"time_to_first_text_s": first_text, "time_to_first_audio_s": now,
+                       "first_chunk_s": event.pcm.size / rate}
+                if not to_end:
+                    stream.close()
+                    return out
+    if not out:
+        raise RuntimeError("the reply ended without audio")
+    wall = time.perf_counter() - start
+    return out | {"wall_s": wall, "audio_s": samples / rate, "rtf": wall / (samples / rate)}
 
 
 def _voice_turn(omni: Omni, settings: Settings) -> dict[str, Any]:
@@ -258,6 +291,7 @@ def bench_qomni(path: str | Path, settings: Settings, load: Load) -> dict[str, A
                      engine=EngineConfig(max_num_seqs=max(settings.batches), max_model_len=2048,
                                          first_chunk_frames=FIRST_CHUNK, chunk_frames=CHUNK))
     load_s = time.perf_counter() - load_s
+    load_rss = peak_rss_gib()
     dev, model = omni.device, omni.model
     if not model.audio_output:
         raise ValueError(f"{path} has no talker: qomni bench measures speech output too")
@@ -279,7 +313,7 @@ def bench_qomni(path: str | Path, settings: Settings, load: Load) -> dict[str, A
         _code2wav_stages(model, settings.code2wav_frames, stages)
     log("qomni: end to end (Omni.stream)")
     omni.generate(TEXT_CONVERSATION, max_new_tokens=2, max_audio_frames=2)  # starts the engine
-    e2e = _first_audio(omni, conversation, settings) | {
+    e2e = _first_audio(omni, conversation, settings, to_end=settings.reply_to_end) | {
         "tokens": settings.reply_tokens, "frames": settings.reply_frames}
     log("qomni: a spoken turn, prefilled whole and while spoken")
     voice = _voice_turn(omni, settings)
@@ -294,4 +328,5 @@ def bench_qomni(path: str | Path, settings: Settings, load: Load) -> dict[str, A
             "quantization": omni.quantization, "load_s": load_s,
             "calibration": calib, "prompt_tokens": len(inputs), "processing_s": processing_s,
             "stages": stages, "e2e": e2e, "voice_turn": voice, "throughput": throughput,
-            "peak_rss_gib": peak_rss_gib(), "load_average_after": os.getloadavg()[0]}
+            "peak_rss_gib": peak_rss_gib(),
+            "peak_rss_load_gib": load_rss, "load_average_after": os.getloadavg()[0]}

@@ -20,10 +20,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qomni.quant.plan import DEFAULT_COMPONENTS, component_of
+from qomni.tensor_file import read_tensors
 from qomni.weights import INDEX_FILE, checkpoint_files
 
 SCHEMES = {"w4a16": 4, "w8a16": 8}
@@ -100,20 +100,18 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "w4a16",
     weight_map, total, undivided = {}, 0, []
     for file, keys in sorted(by_file.items()):
         out: dict[str, torch.Tensor] = {}
-        with safe_open(file, "pt", device="cpu") as f:
-            for key in sorted(keys):
-                bar.update(1)
-                tensor = f.get_tensor(key)
-                module = key.removesuffix(".weight")
-                if key.endswith(".weight") and tensor.ndim == 2 and (
-                        component_of(module) in components):
-                    if group_size and tensor.shape[1] % group_size:
-                        undivided.append(module)
-                    else:
-                        out.update({f"{module}.{k}": v for k, v in _compress(
-                            tensor, args, qscheme, compressor, lib.calculate_qparams).items()})
-                        continue
-                out[key] = tensor.contiguous()
+        for key, tensor in read_tensors(file, keys):
+            bar.update(1)
+            module = key.removesuffix(".weight")
+            if key.endswith(".weight") and tensor.ndim == 2 and (
+                    component_of(module) in components):
+                if group_size and tensor.shape[1] % group_size:
+                    undivided.append(module)
+                else:
+                    out.update({f"{module}.{k}": v for k, v in _compress(
+                        tensor, args, qscheme, compressor, lib.calculate_qparams).items()})
+                    continue
+            out[key] = tensor.contiguous()
         save_file(out, str(dst / file.name), metadata={"format": "pt"})
         weight_map.update({k: file.name for k in out})
         total += sum(t.numel() * t.element_size() for t in out.values())
