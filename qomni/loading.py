@@ -3,7 +3,6 @@ its weights (what `Omni.load` does before it builds the processor and the engine
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -19,7 +18,7 @@ from qomni.models.model import OmniModel
 from qomni.models.moe import pack_experts
 from qomni.models.packed_linear import native_bf16, pack_linears, packed_dtypes
 from qomni.quant.plan import quantize_modules
-from qomni.weights import checkpoint_files, load_weights, meta_parameters
+from qomni.weights import checkpoint_files, load_weights, meta_parameters, release_free_memory
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -127,16 +126,6 @@ def load_model(path: Path, cfg: OmniConfig, dtype: str | torch.dtype | None,
         pack_attention(net, (dtype,))  # q, k, v joined: before the linears are packed
         pack_linears(net, (dtype,))  # decode-sized matmuls read the weights 1.3-3x faster
         pack_experts(net, (dtype,))
-    release_free_memory()
+    release_free_memory()  # the packing's transient copies
     return net, quantized
 
-
-def release_free_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc's malloc_trim). Loading frees a
-    transient tensor for every weight it converts or packs, and glibc keeps freed heap memory
-    for reuse: trimmed, what is left resident is the weights (what the memory budget of a
-    quantized full-size model counts). Elsewhere (no glibc) nothing happens."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -53,14 +53,17 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
 
 
 def read_tensors(path: Path, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for `keys` (default: all) in file order, each in its own memory. A key
-    the file lacks raises KeyError."""
+    """(name, tensor) for `keys` in their order (default: all, in file order), each in its
+    own memory. A key the file lacks raises KeyError. The order is the caller's: safetensors
+    writes tensors grouped by dtype, so in file order a quantized module's packed weights
+    (int32) would all come before their scales (bf16), and a loader would hold a shard's worth
+    of them waiting."""
     header, base = read_header(path)
-    names = list(header) if keys is None else list(keys)
+    names = sorted(header, key=lambda k: header[k]["data_offsets"][0]) if keys is None \
+        else list(keys)
     for name in names:
         if name not in header:
             raise KeyError(name)
-    names.sort(key=lambda k: header[k]["data_offsets"][0])  # sequential reads
     fd = os.open(path, os.O_RDONLY)
     try:
         for name in names:

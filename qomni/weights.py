@@ -17,6 +17,7 @@ still lacks.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -41,6 +42,7 @@ EXPERT_TARGETS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 
                   "down_proj": ("down_proj", None)}
 
 INDEX_FILE = "model.safetensors.index.json"
+TRIM_EVERY = 256  # tensors read between two release_free_memory() calls
 SINGLE_FILE = "model.safetensors"
 
 
@@ -113,6 +115,7 @@ def load_weights(model: nn.Module, path: str | Path, *, dtype: torch.dtype,
             by_file.setdefault(f, []).append(key)
     total = sum(len(v) for v in by_file.values())
     bar = _progress(total, progress)
+    read = 0
 
     for file, keys in sorted(by_file.items()):
         present = set(read_header(file)[0])
@@ -120,9 +123,13 @@ def load_weights(model: nn.Module, path: str | Path, *, dtype: torch.dtype,
             bar.update(1)
             errors.append(f"{key}: listed in the index but missing from {file.name}")
         # each tensor in memory of its own (a memory map's pages would count as this
-        # process's until the mapping is gone: see qomni.tensor_file)
-        for key, tensor in read_tensors(file, [k for k in keys if k in present]):
+        # process's until the mapping is gone: see qomni.tensor_file); by name, so that a
+        # module's tensors arrive together and are converted at once
+        for key, tensor in read_tensors(file, sorted(k for k in keys if k in present)):
             bar.update(1)
+            read += 1
+            if read % TRIM_EVERY == 0:
+                release_free_memory()
             sink = _sink_of(key, sinks) if sinks and key not in expected else None
             if sink is not None:
                 try:
@@ -232,3 +239,22 @@ def _progress(total: int, enabled: bool):
     # leave=True: the finished bar ends its line, so what is printed next starts on its own.
     return tqdm(total=total, desc="Loading weights", unit="tensor", disable=not enabled,
                 leave=True)
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim, which also releases
+    free chunks inside the heap). Converting a quantized checkpoint allocates, per weight, the
+    tensor read, its unpacked values and the kernel's layout, and keeps only the last: glibc
+    reuses the freed holes poorly, and without trimming the resident set of a full-size int4
+    load grew ~4x faster than its weights (measured: over 20.5 GiB a third of the way through a
+    19 GiB model). Elsewhere (no glibc) nothing happens."""
+    try:
+        _LIBC.malloc_trim(0)
+    except AttributeError:
+        pass
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:
+    _LIBC = None

@@ -114,7 +114,9 @@ def peak_rss_gib() -> float:
 def calibrate(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Memory read bandwidth (sum over a tensor far larger than any cache) and GEMM rate in the
     benchmark's dtype, measured in this process."""
-    big = torch.ones((1 << 30) // 4, device=device)  # 1 GiB of fp32
+    # 256 MiB of fp32: 8x this machine's L3 and beyond a GPU's L2, yet little enough to sit
+    # beside a full-size model within its memory budget (1 GiB did not)
+    big = torch.ones((256 << 20) // 4, device=device)
     read = _nbytes(big) / _best(big.sum, device)
     del big
     # Larger GEMMs run closer to peak; grow until one takes 0.1 s (bf16 on a CPU without bf16

@@ -100,7 +100,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "w4a16",
     weight_map, total, undivided = {}, 0, []
     for file, keys in sorted(by_file.items()):
         out: dict[str, torch.Tensor] = {}
-        for key, tensor in read_tensors(file, keys):
+        for key, tensor in read_tensors(file, sorted(keys)):
             bar.update(1)
             module = key.removesuffix(".weight")
             if key.endswith(".weight") and tensor.ndim == 2 and (
