@@ -83,6 +83,29 @@ def test_components_and_overrides(small):
     assert isinstance(m.talker.code_predictor.model.codec_embedding[3], QuantEmbedding)
 
 
+def test_encoders_and_vocoder_quantize_their_linears_only(small):
+    """audio_tower / visual / code2wav cover linears; the vision position table and code2wav's
+    code table stay embeddings (read whole by the encoder, not looked up by row), and an image +
+    audio turn still runs to speech."""
+    import numpy as np
+    from PIL import Image
+
+    omni = _load(small, "audio_tower=int8,visual=int8,code2wav=int8")
+    m = omni.model
+    assert isinstance(m.thinker.audio_tower.layers[0].fc1.matmul, Int8Matmul)
+    assert isinstance(m.thinker.visual.blocks[0].attn.qkv.matmul, Int8Matmul)
+    assert isinstance(m.code2wav.pre_transformer.layers[0].self_attn.q_proj, QuantLinear)
+    assert type(m.thinker.visual.pos_embed) is torch.nn.Embedding
+    assert type(m.code2wav.code_embedding) is torch.nn.Embedding
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    audio = (0.1 * rng.standard_normal(16000)).astype(np.float32)
+    out = omni.generate([{"role": "user", "content": [
+        {"type": "image", "image": image}, {"type": "audio", "audio": audio},
+        {"type": "text", "text": "What is this?"}]}], max_new_tokens=3, max_audio_frames=4)
+    assert len(out.token_ids) == 3 and out.audio.size > 0
+
+
 def test_quantized_modules_multiply_by_their_weights(small):
     """A quantized linear multiplies by the round-to-nearest quantization of the checkpoint's
     weight (identity in -> its dequantized weight out, up to bf16 rounding); a quantized

@@ -143,6 +143,10 @@ def quantize_modules(model: nn.Module, path: Path, keys: Iterable[str],
             continue
         source = QuantizeOnLoad(wanted[comp])
         if isinstance(module, nn.Embedding):
+            # only token/codec tables: an encoder's or the vocoder's own embedding (the vision
+            # encoder's position table, code2wav's code table) is read whole, not by row
+            if comp != "embeddings":
+                continue
             replacements[name] = QuantEmbedding.replacing(module, dtype, device_of(name))
         elif isinstance(module, Experts):
             replacements[name] = QuantExperts.replacing(
