@@ -185,8 +185,11 @@ def _bench(args: argparse.Namespace) -> int:
         config = (json.loads(Path(args.full_size_config).read_text()) if args.full_size_config
                   else None)
         model = str(full_size_checkpoint(args.quantization, config))
-        # one turn, one KV cache row; its reply streamed to the end (the turn's real-time factor)
-        settings = dataclasses.replace(settings, batches=(1,), reply_to_end=True)
+        # one turn, one KV cache row of 1024 tokens (the turn's prompt and reply take 454); its
+        # reply streamed to the end (the turn's real-time factor); no calibration buffer beside
+        # the model and its engine at the end
+        settings = dataclasses.replace(settings, batches=(1,), reply_to_end=True,
+                                       max_model_len=1024, calibrate_at_end=False)
         dtype = dtype or "bfloat16"  # the unquantized parts in fp32 would not fit 24 GiB
     settings = settings.changed(args.set)
     load = Load(dtype=dtype, device=args.device, quantization=args.quantization)

@@ -93,6 +93,10 @@ class Settings:
     batches: tuple[int, ...] = (1, 4, 8)  # concurrent requests for speech throughput
     # Read the time-to-first-audio reply to its end: the turn's real-time factor as well.
     reply_to_end: bool = False
+    max_model_len: int = 2048  # the engine's KV cache rows (thinker tokens)
+    # Calibrate again after the run (the faster kept); otherwise twice before it. A second
+    # 256 MiB buffer beside a full-size model and its engine would be the run's peak RSS.
+    calibrate_at_end: bool = True
 
     def __post_init__(self) -> None:
         # per-step medians need a few steps (the reference's first step is its prefill)

@@ -288,7 +288,8 @@ def bench_qomni(path: str | Path, settings: Settings, load: Load) -> dict[str, A
     load_s = time.perf_counter()
     omni = Omni.load(path, dtype=load.dtype, device=load.device, progress=False,
                      quantization=load.quantization,
-                     engine=EngineConfig(max_num_seqs=max(settings.batches), max_model_len=2048,
+                     engine=EngineConfig(max_num_seqs=max(settings.batches),
+                                         max_model_len=settings.max_model_len,
                                          first_chunk_frames=FIRST_CHUNK, chunk_frames=CHUNK))
     load_s = time.perf_counter() - load_s
     load_rss = peak_rss_gib()
@@ -298,6 +299,8 @@ def bench_qomni(path: str | Path, settings: Settings, load: Load) -> dict[str, A
     quant = "".join(f", {k} {v}" for k, v in omni.quantization.items())
     log(f"qomni: loaded on {dev} as {omni.dtype}{quant}; calibrating")
     calib = calibrate(dev, omni.dtype)
+    if not settings.calibrate_at_end:
+        calib = best_calibration(calib, calibrate(dev, omni.dtype))
     conversation = media_conversation(settings)
     processing_s, inputs = timed(lambda: omni.process(conversation), dev)
     stages: Stages = {}
@@ -321,7 +324,8 @@ def bench_qomni(path: str | Path, settings: Settings, load: Load) -> dict[str, A
     for batch in settings.batches:
         log(f"qomni: speech throughput at batch {batch}")
         throughput.append(_throughput(omni, batch, settings))
-    calib = best_calibration(calib, calibrate(dev, omni.dtype))
+    if settings.calibrate_at_end:
+        calib = best_calibration(calib, calibrate(dev, omni.dtype))
     set_floors(stages, calib)
     return {"backend": "qomni", "device": str(dev), "dtype": str(omni.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(), "params": param_count(model),
