@@ -106,6 +106,22 @@ def test_encoders_and_vocoder_quantize_their_linears_only(small):
     assert len(out.token_ids) == 3 and out.audio.size > 0
 
 
+def test_one_token_experts_match_the_grouped_path(small):
+    """A decode step's experts run one by one, without grouping (token, expert) pairs: the same
+    result as the grouped path gives that token among others."""
+    experts = _load(small, "int4", audio_output=False).model.thinker.model.layers[1].mlp.experts
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, experts.hidden, generator=gen).bfloat16()
+    k = 2
+    ids = torch.stack([torch.randperm(experts.num_experts, generator=gen)[:k] for _ in range(3)])
+    w = torch.rand(3, k, generator=gen).bfloat16()
+    grouped = experts(x, ids, w)
+    for t in range(3):
+        one = experts(x[t:t + 1], ids[t:t + 1], w[t:t + 1])
+        assert one.shape == (1, experts.hidden)
+        assert rel_l2(one.float(), grouped[t:t + 1].float()) < 1e-2
+
+
 def test_quantized_modules_multiply_by_their_weights(small):
     """A quantized linear multiplies by the round-to-nearest quantization of the checkpoint's
     weight (identity in -> its dequantized weight out, up to bf16 rounding); a quantized

@@ -123,6 +123,8 @@ class QuantExperts(nn.Module):
                 weights: torch.Tensor) -> torch.Tensor:
         """x [T, D]; experts, weights [T, k] -> [T, D]."""
         t, k = experts.shape
+        if t == 1:
+            return self._one_token(x, experts[0].tolist(), weights[0])
         flat = experts.reshape(-1)
         order = flat.argsort(stable=True)  # group the (token, expert) pairs by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
@@ -133,13 +135,24 @@ class QuantExperts(nn.Module):
             if not n:
                 continue
             seg = slice(start, start + n)
-            gate, up = self.gate_up[e](xs[seg]).float().chunk(2, -1)
-            out[seg] = self.down[e](F.silu(gate) * up).to(out.dtype)
+            out[seg] = self._expert(xs[seg], e).to(out.dtype)
             start += n
         out = out * weights.reshape(-1)[order, None]
         pairs = torch.empty_like(out)
         pairs[order] = out
         return pairs.view(t, k, -1).sum(1)
+
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        gate, up = self.gate_up[e](x).float().chunk(2, -1)
+        return self.down[e](F.silu(gate) * up)
+
+    def _one_token(self, x: torch.Tensor, experts: list[int],
+                   weights: torch.Tensor) -> torch.Tensor:
+        """A decode step: the token's k experts in turn, without grouping pairs by expert (the
+        sort, the counts and the scatter cost more than the matmuls' launch at one token);
+        summed in top-k order and rounded as the grouped path does."""
+        ys = [self._expert(x, e).to(x.dtype) * w for e, w in zip(experts, weights)]
+        return torch.stack(ys).sum(0)
 
     def extra_repr(self) -> str:
         return (f"{self.num_experts} experts, hidden={self.hidden}, "
