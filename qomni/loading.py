@@ -18,7 +18,13 @@ from qomni.models.model import OmniModel
 from qomni.models.moe import pack_experts
 from qomni.models.packed_linear import native_bf16, pack_linears, packed_dtypes
 from qomni.quant.plan import quantize_modules
-from qomni.weights import checkpoint_files, load_weights, meta_parameters, release_free_memory
+from qomni.weights import (
+    checkpoint_files,
+    load_weights,
+    meta_parameters,
+    release_free_memory,
+    share_one_heap,
+)
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -127,5 +133,6 @@ def load_model(path: Path, cfg: OmniConfig, dtype: str | torch.dtype | None,
         pack_linears(net, (dtype,))  # decode-sized matmuls read the weights 1.3-3x faster
         pack_experts(net, (dtype,))
     release_free_memory()  # the packing's transient copies
+    share_one_heap()  # the engine's thread, started next, reuses what loading freed
     return net, quantized
 

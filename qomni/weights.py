@@ -254,6 +254,18 @@ def release_free_memory() -> None:
         pass
 
 
+def share_one_heap() -> None:
+    """Let threads started from now on allocate from the existing heaps (glibc's M_ARENA_MAX
+    = 1) instead of one of their own: memory freed in one heap is never reused by another, so
+    the engine's thread, running its first prefill on a heap of its own beside the loaded
+    model, added 0.6 GiB to a full-size turn's resident set. Elsewhere nothing happens."""
+    try:
+        _LIBC.mallopt(_M_ARENA_MAX, 1)
+    except AttributeError:
+        pass
+
+
+_M_ARENA_MAX = -8  # glibc's malloc.h
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
 except OSError:

@@ -54,6 +54,7 @@ from qomni.models.model import OmniModel
 from qomni.models.rope import decode_positions
 from qomni.multimodal.processor import ProcessedInputs
 from qomni.omni import DEFAULT_SPEAKER, Omni
+from qomni.weights import release_free_memory
 
 Stages = dict[str, dict[str, Any]]
 
@@ -314,6 +315,7 @@ def bench_qomni(path: str | Path, settings: Settings, load: Load) -> dict[str, A
         del pre
         log("qomni: code2wav")
         _code2wav_stages(model, settings.code2wav_frames, stages)
+    release_free_memory()  # what the stage rows freed, before the engine's turn
     log("qomni: end to end (Omni.stream)")
     omni.generate(TEXT_CONVERSATION, max_new_tokens=2, max_audio_frames=2)  # starts the engine
     e2e = _first_audio(omni, conversation, settings, to_end=settings.reply_to_end) | {
