@@ -165,7 +165,7 @@ def _bench(args: argparse.Namespace) -> int:
         return _bench_vs_vllm(args)
     from qomni.bench import run
     from qomni.bench.report import format_report
-    from qomni.bench.setup import DEFAULT, QUICK, Load, bench_config
+    from qomni.bench.setup import CHUNK, DEFAULT, QUICK, Load, bench_config
 
     if args.print_config:
         print(json.dumps(bench_config(), indent=2))
@@ -186,10 +186,13 @@ def _bench(args: argparse.Namespace) -> int:
                   else None)
         model = str(full_size_checkpoint(args.quantization, config))
         # one turn, one KV cache row of 1024 tokens (the turn's prompt and reply take 454); its
-        # reply streamed to the end (the turn's real-time factor); no calibration buffer beside
-        # the model and its engine at the end
+        # reply streamed to the end (the turn's real-time factor); code2wav rows on one engine
+        # chunk (the most the engine vocodes at once: a whole 50-frame decode's activations
+        # were the run's peak, 0.8 GiB above the turn's); no calibration buffer beside the
+        # model and its engine at the end
         settings = dataclasses.replace(settings, batches=(1,), reply_to_end=True,
-                                       max_model_len=1024, calibrate_at_end=False)
+                                       code2wav_frames=CHUNK, max_model_len=1024,
+                                       calibrate_at_end=False)
         dtype = dtype or "bfloat16"  # the unquantized parts in fp32 would not fit 24 GiB
     settings = settings.changed(args.set)
     load = Load(dtype=dtype, device=args.device, quantization=args.quantization)
