@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from qomni.tensor_file import read_header, read_tensors
