@@ -354,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica")
     r.add_argument("--talker-replicas", type=int, metavar="M",
                    help="run the talker, code predictor and code2wav on M replicas of their "
-                        "own (--replica-gpus / --replica-cpus each); the engine replicas then "
-                        "hold the thinker alone and hand each speaking request to one of them")
+                        "own (--replica-gpus / --replica-cpus each); the engine replicas (1 "
+                        "without --replicas) then hold the thinker alone and hand each "
+                        "speaking request to one of them")
     s.set_defaults(func=_serve)
 
     t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint")

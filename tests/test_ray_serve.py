@@ -236,9 +236,9 @@ def test_a_realtime_session_stays_on_its_replica(cluster):
         time.sleep(0.2)
 
 
-def _find_actor(replica: str):
+def _find_actor(replica: str, deployment: str = ENGINE):
     for a in ray.util.list_named_actors(all_namespaces=True):
-        if a["name"].endswith(f"#{ENGINE}#{replica}"):
+        if a["name"].endswith(f"#{deployment}#{replica}"):
             return ray.get_actor(a["name"], namespace=a["namespace"])
     raise AssertionError(f"no actor for replica {replica}")
 
@@ -321,7 +321,8 @@ def test_talker_replicas_speak_as_one_process(cluster):
     """Thinker and talker apart, as a second application on the instance: one engine replica
     holding the thinker alone, one talker replica (no CPU of their own: the instance's two are
     taken; one thread each, as Ray gives them). Two speaking streams at once (seeded: the
-    talker samples) and a text one each get what one process gives alone."""
+    talker samples) and a text one each get what one process gives alone. Then the talker
+    replica is killed mid-speech: that stream ends with an error naming it, at once."""
     serve.run(build_app(str(cluster.tiny), replicas=1, talker_replicas=1, replica_cpus=0,
                         dtype="float32", device="cpu", server={"model_name": MODEL}),
               name="apart", route_prefix="/apart")
@@ -355,6 +356,16 @@ def test_talker_replicas_speak_as_one_process(cluster):
             assert time.monotonic() < deadline, talker
             time.sleep(0.1)
         assert talker["running"] == talker["waiting"] == 0
+
+        long = {**_speech_kw(60), "max_tokens": 400}
+        _, chunks = cluster.stream([{"role": "user", "content": "Speak long"}], client=client,
+                                   **long)
+        chunks = iter(chunks)
+        while not _collect([next(chunks)])[1]:  # its first audio
+            pass
+        ray.kill(_find_actor(talker["replica"], TALKER), no_restart=True)
+        with pytest.raises(openai.APIError, match="talker replica stopped"):
+            list(chunks)
     finally:
         serve.delete("apart")
 

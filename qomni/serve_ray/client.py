@@ -27,7 +27,7 @@ from ray import exceptions as ray_errors
 from ray.serve.handle import DeploymentHandle
 
 from qomni.cancel import check_cancelled
-from qomni.serve_ray.router import ReplicaGone
+from qomni.serve_ray.router import ReplicaGone, TalkerGone
 from qomni.server.wire import APIError
 
 
@@ -196,6 +196,8 @@ def _mapped_errors(mid_stream: bool = False):
         cause = e.cause if isinstance(e.cause, BaseException) else None
         if cause is None:
             raise
+        if isinstance(cause, TalkerGone):
+            raise APIError(503, str(cause), code="replica_unavailable") from None
         raise cause from None
     except _DIED as e:
         conn = connection.get()

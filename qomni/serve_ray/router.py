@@ -20,6 +20,11 @@ class ReplicaGone(RuntimeError):
     """The replica a call was meant for is not the one that got it (it is gone)."""
 
 
+class TalkerGone(RuntimeError):
+    """The talker replica of a speaking request died: the engine replica raises it, the ingress
+    answers it as a 503 (an APIError does not survive Ray's pickling)."""
+
+
 class PinnedOrLeastLoaded(FIFOMixin, RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)

@@ -28,8 +28,7 @@ from qomni.engine.config import EngineConfig
 from qomni.engine.loop import EngineLoop
 from qomni.engine.talker_engine import SpeechEnd, TalkerEngine, TalkJob
 from qomni.engine.thinker_states import StatesUpdate
-from qomni.serve_ray.router import ReplicaGone
-from qomni.server.wire import APIError
+from qomni.serve_ray.router import ReplicaGone, TalkerGone
 
 
 class TalkerReplica:
@@ -201,11 +200,11 @@ class _RayChannel:
 
 
 def _talker_error(e: Exception) -> Exception:
-    """What the talker raised (a ValueError is the request's fault: a 400), or a 503 when the
-    talker replica died."""
+    """What the talker raised (a ValueError is the request's fault: a 400), or TalkerGone when
+    the talker replica died."""
     if isinstance(e, ray_errors.RayTaskError) and isinstance(e.cause, Exception):
         e = e.cause
     if isinstance(e, (ReplicaGone, ray_errors.RayActorError, ray_errors.ActorUnavailableError)):
-        return APIError(503, f"the talker replica stopped while speaking ({type(e).__name__}); "
-                        "retry the request", code="replica_unavailable")
+        return TalkerGone(f"the talker replica stopped while speaking ({type(e).__name__}); "
+                          "retry the request")
     return e
