@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--full-size", action="store_true",
                    help="the published Qwen3-Omni-30B-A3B-Instruct at full depth, random weights "
                         "written quantized by --quantization (built once into ~/.cache/qomni, "
-                        "~21 GB for int4); bf16 by default, one request")
+                        "20 GB for int4); bf16 by default, one request")
     # The same run on a smaller config.json (for tests).
     b.add_argument("--full-size-config", metavar="PATH", help=argparse.SUPPRESS)
     b.add_argument("--print-config", action="store_true",

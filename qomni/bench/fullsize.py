@@ -5,7 +5,7 @@ form: the linears of the quantized components (`--quantization`, e.g. int4: the 
 talker's and code predictor's decoder layers) are drawn as compressed-tensors tensors, random
 int32 words (each 32/b random b-bit values, a valid packing of any values) with random scales,
 so no full-precision copy of those weights exists, in memory or on disk; every other tensor is
-drawn in bf16. One tensor at a time, one shard (2 GiB) held at most. int4 takes ~21 GB of disk.
+drawn in bf16. One tensor at a time, one shard (2 GiB) held at most. int4 takes 20 GB of disk.
 The config is the published one (checked against tests/fixtures/instruct_config.json).
 """
 
