@@ -32,7 +32,7 @@ class TalkerChannel(Protocol):
 class TalkerLink(Protocol):
     def open(self, deliver: Deliver) -> TalkerChannel:
         """A channel for one request; `deliver` (any thread) gets its `AudioChunk`s, then one
-        `speech_link.SpeechEnd`, or an Exception."""
+        `talker_engine.SpeechEnd`, or an Exception."""
 
 
 class SpeechJoin:
