@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 
 from qomni.engine.engine import Engine
+from qomni.engine.openmp import release_caller_threads
 from qomni.engine.request import Prefix, Request
 
 Deliver = Callable[[object], None]  # receives events, or an Exception that ends the request
@@ -45,6 +46,7 @@ class EngineLoop:
             self._cv.notify()
 
     def submit(self, req: Request, deliver: Deliver) -> None:
+        release_caller_threads()  # the caller's idle OpenMP workers would slow the engine's
         with self._cv:
             self._inbox.append((req, deliver))
             self._cv.notify()
