@@ -3,6 +3,7 @@ a tiny random checkpoint behind the ingress, the real openai and websocket clien
 Every answer is checked against `Omni.generate` in this process on the same conversation, so
 the replicas, the router and the streaming through Ray add no drift of their own."""
 
+import asyncio
 import base64
 import json
 import socket
@@ -25,6 +26,7 @@ from websockets.sync.client import connect
 from qomni import Omni
 from qomni.audio_out import pcm16
 from qomni.serve_ray import ENGINE, TALKER, build_app
+from qomni.serve_ray.ingress import ReplicaAware
 from qomni.server.realtime_config import VOICE_ASSISTANT_PROMPT
 from qomni.tiny import make_tiny
 
@@ -367,20 +369,35 @@ def test_talker_replicas_speak_as_one_process(cluster):
             t.start()
         for t in threads:
             t.join(300)
+        frames = 0  # the codec frames the talker replica spoke
         for i, conv in enumerate(convs):
             want = cluster.ref.generate(conv, max_new_tokens=6, seed=i, return_audio=i in speak,
                                         max_audio_frames=8 if i in speak else None)
             assert want.audio is None or want.audio.size  # (it did speak)
+            frames += want.usage.audio_frames
             expected_pcm = pcm16(want.audio).tobytes() if i in speak else b""
             assert results[i] == (want.text, expected_pcm), i
-        handle, deadline = serve.get_deployment_handle(TALKER, "apart"), time.monotonic() + 30
+        deadline = time.monotonic() + 30
         while True:  # a job's stream closes just after its last chunk went out
-            talker = handle.stats.remote().result()
-            if talker["served"] == len(speak) and not talker["jobs"]:  # the speech was made there
+            status, body = cluster.get("/apart/health")
+            talkers = [r for r in json.loads(body)["replicas"] if r["role"] == "talker"]
+            assert status == 200 and len(talkers) == 1, body
+            talker = talkers[0]
+            if talker["requests"] == len(speak) and not talker["jobs"]:  # spoken there
                 break
             assert time.monotonic() < deadline, talker
             time.sleep(0.1)
-        assert talker["running"] == talker["waiting"] == 0
+        assert talker["state"] == "up" and talker["errors"] == 0
+        assert talker["audio_frames"] == frames and talker["running"] == talker["waiting"] == 0
+        status, text = cluster.get("/apart/metrics")
+        rid = talker["replica"]
+        assert status == 200
+        for line in (f'qomni_talker_replica_up{{replica="{rid}"}} 1.0',
+                     f'qomni_talker_replica_requests_total{{replica="{rid}"}} {len(speak)}.0',
+                     f'qomni_talker_replica_audio_frames_total{{replica="{rid}"}} {frames}.0',
+                     f'qomni_talker_replica_jobs{{replica="{rid}"}} 0.0'):
+            assert line in text.decode().splitlines(), line
+        assert "qomni_replica_up{" in text.decode()  # and its engine replica's
 
         long = {**_speech_kw(60), "max_tokens": 400}
         _, chunks = cluster.stream([{"role": "user", "content": "Speak long"}], client=client,
@@ -393,6 +410,29 @@ def test_talker_replicas_speak_as_one_process(cluster):
             list(chunks)
     finally:
         serve.delete("apart")
+
+
+@pytest.mark.parametrize("talker, status", [(None, 200), ("up", 200), ("busy", 200),
+                                            ("gone", 503), ("error", 503), ("none", 503)])
+def test_health_needs_a_talker_replica_where_they_speak(talker, status):
+    """In a thinker-only application, /health is 503 while no talker replica serves."""
+    engine = [{"replica": "e1", "role": "engine", "state": "up"}]
+    talkers = [] if talker in (None, "none") else [
+        {"replica": "t1", "role": "talker", "state": talker}]
+    aware = ReplicaAware(None, None, None if talker is None else object())
+
+    async def replicas():
+        return engine + talkers
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    aware.replicas = replicas
+    asyncio.run(aware(({"type": "http", "method": "GET", "path": "/health"}), None, send))
+    assert sent[0]["status"] == status
+    assert json.loads(sent[1]["body"])["replicas"] == engine + talkers
 
 
 def test_shutdown_lets_in_flight_streams_finish(cluster):

@@ -7,7 +7,7 @@
             speaking request's thinker states to one of them, which streams the audio back
     Ingress the same FastAPI app as `qomni serve` (chat completions with SSE audio, the
             realtime WebSocket, the web demo, /metrics), calling the engine replicas through
-            a DeploymentHandle, streaming
+            a DeploymentHandle, streaming; /health and /metrics probe the talker replicas too
 
 Serve's own settings per deployment (num_replicas, autoscaling_config, ray_actor_options,
 max_ongoing_requests, health checks, graceful shutdown) can be overridden by name ("Engine",
@@ -86,7 +86,7 @@ def build_app(model: str | None = None, *, replicas: int = 1,
     return ingress.bind(
         engine.bind(model, dtype=dtype, device=device, audio_output=audio_output,
                     quantization=quantization, engine_options=engine_options, talker=talker),
-        dict(server or {}))
+        dict(server or {}), talker)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -41,7 +41,8 @@ class TalkerReplica:
         self.loop = EngineLoop(self.engine)
         self.id = serve.get_replica_context().replica_id.unique_id
         self.jobs: dict[str, TalkJob] = {}
-        self.served = 0  # jobs that ended (spoken, failed or dropped)
+        # jobs that ended (spoken, failed or dropped), those that failed, frames spoken
+        self.served = {"requests": 0, "errors": 0, "audio_frames": 0}
 
     async def talk(self, first: list[StatesUpdate]) -> AsyncIterator[Any]:
         """(this replica's id, the job's id), then the job's AudioChunks and its SpeechEnd.
@@ -59,13 +60,16 @@ class TalkerReplica:
             while True:
                 ev = await events.get()
                 if isinstance(ev, Exception):
+                    self.served["errors"] += 1
                     raise ev
+                if isinstance(ev, SpeechEnd):
+                    self.served["audio_frames"] += ev.codes.shape[1]
                 yield ev
                 if isinstance(ev, SpeechEnd):
                     return
         finally:
             del self.jobs[job.id]
-            self.served += 1
+            self.served["requests"] += 1
             if not job.finished:
                 self.loop.abort(job)
 
@@ -82,9 +86,12 @@ class TalkerReplica:
                 job.feed(update)
         self.loop.wake()
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, home: str | None = None) -> dict[str, Any]:
+        """Counters for /metrics and /health."""
+        if home and home != self.id:
+            raise ReplicaGone(f"talker replica {home} is gone (this is {self.id})")
         e = self.engine
-        return {"replica": self.id, "served": self.served, "jobs": len(self.jobs),
+        return {"replica": self.id, **self.served, "jobs": len(self.jobs),
                 "running": len(e.running), "waiting": len(e.waiting),
                 "free_rows": len(e.free_rows)}
 
