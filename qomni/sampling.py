@@ -146,7 +146,7 @@ class Sampler:
             logits = apply_repetition_penalty(logits, seen, self.penalty)
         if self.uses_counts and counts is not None:
             logits = apply_frequency_presence(logits, counts, self.frequency, self.presence)
-        greedy_ids = logits.argmax(-1)
+        greedy_ids = first_max(logits)
         if self.all_greedy:
             return greedy_ids
         temp = torch.where(self.temperature > 0, self.temperature, torch.ones_like(self.temperature))
@@ -154,9 +154,16 @@ class Sampler:
         noise = torch.empty_like(probs)
         for row, g in enumerate(self.generators):
             noise[row].exponential_(generator=g)
-        sampled = (probs / noise).argmax(-1)
+        sampled = first_max(probs / noise)
         greedy_rows = torch.tensor([p.greedy for p in self.params], device=logits.device)
         return torch.where(greedy_rows, greedy_ids, sampled)
+
+
+def first_max(x: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B]: the index of each row's largest value, the first one on a tie (as argmax).
+    On CPU `max` finds it 2-3x faster than `argmax` (8 x 151936 fp32 logits, one Xeon: 0.33
+    against 0.95 ms, a step's worth at batch 8)."""
+    return x.max(-1).indices
 
 
 def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler],
@@ -165,7 +172,7 @@ def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler],
     """Each row with its own request's sampler (own settings and generator): [n, V] -> [n].
     seen / counts: each row's context tokens / generated-token counts, or None."""
     if all(s.all_greedy and not s.uses_penalty and not s.uses_counts for s in samplers):
-        return logits.float().argmax(-1)  # bf16 argmax runs 5x slower than fp32 on CPU
+        return first_max(logits.float())  # bf16 reductions run slower than fp32 on CPU
     counts = counts or [None] * len(samplers)
 
     def row(x: torch.Tensor | None) -> torch.Tensor | None:

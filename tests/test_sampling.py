@@ -9,6 +9,8 @@ from qomni.sampling import (
     apply_frequency_presence,
     apply_repetition_penalty,
     filter_logits,
+    first_max,
+    sample_rows,
 )
 
 
@@ -41,6 +43,18 @@ def test_filters_equal_transformers_warpers():
 def test_greedy_is_argmax_and_default():
     logits = torch.randn(4, 100)
     assert torch.equal(Sampler([SamplingParams(temperature=0)] * 4)(logits), logits.argmax(-1))
+
+
+def test_first_max_takes_the_first_of_ties_as_argmax():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(8, 151936).to(dtype)
+        logits[3, [7, 70000, 150000]] = 100.0  # a tie: the first index wins
+        logits[5, -1] = 100.0
+        assert torch.equal(first_max(logits), logits.float().argmax(-1))
+        assert first_max(logits)[3] == 7 and first_max(logits)[5] == 151935
+        greedy = [Sampler([SamplingParams(temperature=0)])] * 8
+        assert torch.equal(sample_rows(logits, greedy, [None] * 8), logits.float().argmax(-1))
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent():
