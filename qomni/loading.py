@@ -135,4 +135,3 @@ def load_model(path: Path, cfg: OmniConfig, dtype: str | torch.dtype | None,
     release_free_memory()  # the packing's transient copies
     share_one_heap()  # the engine's thread, started next, reuses what loading freed
     return net, quantized
-

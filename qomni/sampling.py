@@ -111,6 +111,13 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
+def first_max(x: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B]: the index of each row's largest value, the first one on a tie (as argmax).
+    On CPU `max` finds it 2-3x faster than `argmax` (8 x 151936 fp32 logits, one Xeon: 0.33
+    against 0.95 ms, a step's worth at batch 8)."""
+    return x.max(-1).indices
+
+
 class Sampler:
     """Per-row sampling settings as tensors, plus one generator per row."""
 
@@ -157,13 +164,6 @@ class Sampler:
         sampled = first_max(probs / noise)
         greedy_rows = torch.tensor([p.greedy for p in self.params], device=logits.device)
         return torch.where(greedy_rows, greedy_ids, sampled)
-
-
-def first_max(x: torch.Tensor) -> torch.Tensor:
-    """[B, V] -> [B]: the index of each row's largest value, the first one on a tie (as argmax).
-    On CPU `max` finds it 2-3x faster than `argmax` (8 x 151936 fp32 logits, one Xeon: 0.33
-    against 0.95 ms, a step's worth at batch 8)."""
-    return x.max(-1).indices
 
 
 def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler],
