@@ -20,6 +20,8 @@ Methods:
 - dense plain / loop slices: the same on unpacked weights (one buffer serving both)
 - dense fused / loop fused: SiLU and the product as oneDNN post-ops of separate gate and up
   matmuls
+- stream: qomni's own CPU kernel (`qomni.cpu_ops`, weight_stream.cpp): all routed experts in one
+  call, each routed expert's rows read once for all its tokens, on the unpacked stacked weights
 - qomni: what `qomni.models.moe.Experts` runs on CPU (packed: one token, joined or per expert)
 """
 
@@ -196,8 +198,17 @@ def fused(gate_up, down, dense: bool):
     return run_loop
 
 
+def stream(gate_up, down):
+    from qomni.cpu_ops import ops
+
+    moe = ops().moe
+    gate_up, down = gate_up.contiguous(), down.contiguous()
+    return lambda x, experts, weights: moe(x, experts, weights, gate_up, down)
+
+
 METHODS: dict[str, Callable] = {
     "qomni": None,  # needs top-k: built in measure()
+    "stream": stream,
     "grouped": grouped,
     "loop packed": lambda g, d: loop(g, d, True),
     "loop plain": lambda g, d: loop(g, d, False),

@@ -5,8 +5,19 @@ Legend: T tokens, D hidden, E experts, k experts per token, I expert intermediat
 The checkpoint stores one tensor per expert; the loader stacks them into `gate_up_proj [E, 2I, D]`
 (gate rows first, then up) and `down_proj [E, D, I]`, so all experts run as one grouped GEMM.
 
-On CPU `Experts.pack` replaces those by oneDNN-packed weights (bench/moe_kernels.py measures the
-choices; medium thinker, 2-core Zen 5, per layer, fp32 / bf16):
+On CPU, where qomni's own kernels build (`qomni.cpu_ops`), `Experts.pack` keeps the stacked
+weights and up to STREAM_MAX_TOKENS tokens run as one call of `moe` (weight_stream.cpp): all
+routed experts at once, each routed expert's rows read once for all its tokens. More tokens run
+the grouped GEMM. bench/moe_kernels.py on a 2-core Xeon with AMX (avx512_bf16, amx_bf16), per
+layer, qomni's oneDNN paths below -> `moe`: medium fp32 1 token 0.81 -> 0.31 ms, 8 tokens
+1.89 -> 1.43, 120 tokens 5.8 -> 4.2; bf16 1 token 0.94 -> 0.26, 8 tokens 1.09 -> 0.85, 32 tokens
+1.57 -> 1.58; real widths (128 experts top-8, D 2048, I 768) fp32 1 token 10.8 -> 7.0 ms, 8
+tokens 65 -> 43, 120 tokens 217 -> 173; bf16 1 token 5.5 -> 3.8, 8 tokens 45 -> 27, 32 tokens
+100 -> 68, 120 tokens 110 -> 135 (the grouped GEMM: 103, oneDNN's AMX kernels). In fp32 `moe`
+loses to the grouped GEMM beyond 256-480 tokens (medium, 480: 11.5 against 10.1 ms).
+
+Where they do not build, `Experts.pack` replaces the weights by oneDNN-packed ones (measured on
+the medium thinker, 2-core Zen 5, per layer, fp32 / bf16):
 - one token: its k experts' matmuls, nothing else read or grouped (0.26 / 0.21 ms against the
   grouped GEMM's 0.43 / 0.34 ms);
 - a few tokens, when experts are few for k (E <= 4k: a batch of decode tokens picks nearly all
@@ -23,12 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qomni import cpu_ops
 from qomni.config import TextConfig
 from qomni.models.layers import MLP
 from qomni.models.packed_linear import pack_weight, packed_linear
 
 DENSE_MAX_EXPERTS_PER_K = 4  # E / k up to which the joined (dense) weights are kept too
 DENSE_MAX_TOKENS = 32  # measured: the dense path loses to grouping beyond 32-64 tokens (fp32)
+# Tokens up to which qomni's `moe` kernel beats the grouped GEMM (measured, see above).
+STREAM_MAX_TOKENS = {torch.float32: 256, torch.bfloat16: 32}
 
 # The public name of torch's grouped GEMM; builds that predate it have only the private one.
 grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
@@ -42,10 +56,18 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per expert
         self.dense: tuple[torch.Tensor, torch.Tensor] | None = None  # [E*2I, D], [D, E*I]
+        self.stream_max_tokens = 0  # tokens up to which cpu_ops' `moe` runs (0: never)
 
     def pack(self, top_k: int) -> None:
-        """Pack the weights for oneDNN (CPU inference; the stacked parameters are dropped):
+        """Prepare for CPU inference: qomni's `moe` kernel on the stacked weights where it
+        builds; otherwise pack the weights for oneDNN (the stacked parameters are dropped):
         each expert's [2I, D] and [D, I], and, when E <= 4k, all experts' joined as well."""
+        dtype = self.gate_up_proj.dtype
+        if dtype in STREAM_MAX_TOKENS and cpu_ops.ops() is not None:
+            self.gate_up_proj.data = self.gate_up_proj.data.contiguous()
+            self.down_proj.data = self.down_proj.data.contiguous()
+            self.stream_max_tokens = STREAM_MAX_TOKENS[dtype]
+            return
         gate_up, down = self.gate_up_proj.detach(), self.down_proj.detach()
         e, two_i, d = gate_up.shape
         self.packed = [(pack_weight(gate_up[i]), pack_weight(down[i])) for i in range(e)]
@@ -63,6 +85,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, D]; experts, weights [T, k] -> [T, D]."""
         t, k = experts.shape
+        if t <= self.stream_max_tokens:
+            return cpu_ops.ops().moe(x, experts, weights, self.gate_up_proj, self.down_proj)
         if self.packed is not None:
             if t == 1:
                 return self._one_token(x, experts[0].tolist(), weights[0])
@@ -150,7 +174,8 @@ def pack_experts(model: nn.Module, dtypes: tuple[torch.dtype, ...]) -> int:
     experts keep their own kernels); returns how many."""
     count = 0
     for m in model.modules():
-        if isinstance(m, SparseMoE) and type(m.experts) is Experts and m.experts.packed is None:
+        if (isinstance(m, SparseMoE) and type(m.experts) is Experts and m.experts.packed is None
+                and not m.experts.stream_max_tokens):
             w = m.experts.gate_up_proj
             if w.device.type == "cpu" and w.dtype in dtypes:
                 m.experts.pack(m.top_k)

@@ -17,6 +17,15 @@ for 8 rows 14 ms and 12.5 ms (bf16: 12 / 7.4 ms against 8.7 / 8.0 ms); 32 or 128
 In bf16, where the CPU has native bf16 dot products (AVX512-BF16, AMX), the packed weight runs
 that lm_head about 2x faster than torch's bf16 matmul (`native_bf16`).
 
+For the fewest rows qomni's own kernel (`qomni.cpu_ops`, weight_stream.cpp) reads a weight
+faster still and without oneDNN's fixed cost of 15-30 us a call, so a PackedLinear keeps the
+plain weight too and runs it up to STREAM_MAX_ROWS rows. Measured on a 2-core Xeon with AMX
+(avx512_bf16, amx_bf16), us per call, weights out of cache, qomni's kernel / oneDNN packed / torch:
+fp32 4096 x 2048: 1 row 1512 / 2008 / 1446, 8 rows 2180 / 2708 / 4656, 16 rows 3018 / 3247 / 4265,
+32 rows 5285 / 4347 / 5229; bf16: 1 row 810 / 1197 / 1209, 2 rows 839 / 1276 / 1068, 4 rows
+1012 / 1195 / 938, 8 rows 1481 / 1096 / 1029 (oneDNN's AMX kernels win from there); a 16 x 512
+router, fp32: 8 / 49 / 7, bf16: 11 / 35 / 40; the bf16 lm_head 152064 x 2048, 1 row: 33 / 48 / 49 ms.
+
 This is the op torch's own inductor uses for frozen CPU linears (`mkldnn._linear_pointwise`).
 The packed weight is an opaque `torch._mkldnn` tensor: it keeps `shape`, `dtype`, `device` and
 `element_size()`, nothing else of a strided tensor, and is not in the state dict (load weights
@@ -32,7 +41,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qomni import cpu_ops
+
 PACK_ROWS = 8  # the row count oneDNN lays packed weights out for
+# Rows up to which qomni's kernel beats oneDNN's packed weights (measured, see above).
+STREAM_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 2}
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -70,14 +83,23 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # A plain attribute, not a buffer: Module.to() must not try to convert it.
+        # Plain attributes, not buffers: Module.to() must not try to convert them.
         self.weight = pack_weight(linear.weight)  # [O, K]
         self.bias = linear.bias
+        self.stream_max_rows = STREAM_MAX_ROWS.get(linear.weight.dtype, 0)
+        if cpu_ops.ops() is None:
+            self.stream_max_rows = 0
+        self.plain = linear.weight.detach().contiguous() if self.stream_max_rows else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., O]."""
         if x.numel() == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
+        rows = x.numel() // self.in_features
+        if rows <= self.stream_max_rows and x.dtype == self.plain.dtype:
+            y = cpu_ops.ops().linear(x.reshape(rows, self.in_features), self.plain)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:

@@ -1,0 +1,62 @@
+"""qomni's own CPU kernels (weight_stream.cpp), compiled on first use for the CPU that runs them.
+
+`ops()` returns `torch.ops.qomni_cpu` (`linear(x, w)`, `moe(x, ids, weights, gate_up, down)`)
+or None where they cannot be built (no C++ compiler, not x86/ARM Linux, QOMNI_CPU_OPS=0); the
+callers then keep torch's kernels. The build is cached under ~/.cache/qomni/cpu_ops, in a folder
+named by the source's hash and the CPU's flags (the code is compiled with -march=native), and
+takes 30-60 s once per machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("weight_stream.cpp")
+
+
+def _cpu_flags() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.partition(":")[2].strip()
+    return platform.processor()
+
+
+def build_dir() -> Path:
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(_cpu_flags().encode())
+    key.update(torch.__version__.encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "qomni" / "cpu_ops" / key.hexdigest()[:16]
+
+
+@functools.cache
+def ops():
+    """torch.ops.qomni_cpu, built and loaded once per process; None where unavailable."""
+    if os.environ.get("QOMNI_CPU_OPS", "1") == "0" or platform.system() != "Linux":
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        out = build_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(
+            name="qomni_cpu_ops", sources=[str(SOURCE)], build_directory=str(out),
+            extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False, verbose=False)
+        return torch.ops.qomni_cpu
+    except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels remain
+        log.warning("qomni's CPU kernels are not available (%s); using torch's", e)
+        return None
