@@ -10,19 +10,26 @@
 // (expert, block of rows), every thread streaming whole rows, each row multiplied by every
 // token routed to that expert while it is in L1.
 //
-// Numerics: products and sums in fp32 (a bf16 x bf16 product is exact in fp32); bf16 outputs
+// Numerics: products and sums in fp32 (a bf16 x bf16 product is exact in fp32; with AVX512-BF16
+// the products of a pair are summed by one vdpbf16ps before they join the sum); bf16 outputs
 // are rounded to nearest even where the reference rounds them (each matmul's output, SiLU, the
 // SwiGLU product, the routing weight's product and each sum over the top-k), so a result
 // differs from the reference's only by the summation order within a dot product. A row's result
 // does not depend on how many other rows share the call.
 //
 // Portable source: GCC vector extensions, compiled with -march=native on the machine that runs
-// it (AVX-512: one zmm per vector; AVX2: two ymm).
+// it (AVX-512: one zmm per vector; AVX2: two ymm). Where the CPU has AVX512-BF16, bf16 rows are
+// multiplied with vdpbf16ps (32 products an instruction, no conversion to fp32 first): on a
+// 2-core Xeon with AMX it reads a bf16 lm_head (152064 x 2048) at 1 row ~1.4x faster.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -66,13 +73,35 @@ inline float hsum(f32v v) {  // a tree of halves: a serial sum of 16 lanes costs
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// out[n * ldo + r] = dot(w[r, :K], x[n][:K]) for r < nr (<= ROWS), n < nt (<= TOKS).
-// x rows are fp32; w rows of type W, ldw apart.
+// out[n * ldo + r] = dot(w[r, :K], x[n][:K]) for r < NR (<= ROWS), n < NT (<= TOKS).
+// w rows ldw apart; x rows of w's type.
 template <typename W, int NR, int NT>
-inline void block_dot(const W* w, int64_t ldw, const float* const* x, int64_t K, float* out,
+inline void block_dot(const W* w, int64_t ldw, const W* const* x, int64_t K, float* out,
                       int64_t ldo) {
-  f32v acc[NR][NT] = {};
   int64_t k = 0;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<W, c10::BFloat16>) {
+    __m512 acc[NR][NT];
+    for (int r = 0; r < NR; ++r)
+      for (int n = 0; n < NT; ++n) acc[r][n] = _mm512_setzero_ps();
+    for (; k + 2 * L <= K; k += 2 * L) {
+      __m512bh xv[NT];
+      for (int n = 0; n < NT; ++n) xv[n] = (__m512bh)_mm512_loadu_si512(x[n] + k);
+      for (int r = 0; r < NR; ++r) {
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * ldw + k);
+        for (int n = 0; n < NT; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], wv, xv[n]);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int n = 0; n < NT; ++n) {
+        float s = _mm512_reduce_add_ps(acc[r][n]);
+        for (int64_t j = k; j < K; ++j) s += to_float(w[r * ldw + j]) * to_float(x[n][j]);
+        out[n * ldo + r] = s;
+      }
+    return;
+  }
+#endif
+  f32v acc[NR][NT] = {};
   for (; k + L <= K; k += L) {
     f32v xv[NT];
     for (int n = 0; n < NT; ++n) xv[n] = load(x[n] + k);
@@ -84,13 +113,13 @@ inline void block_dot(const W* w, int64_t ldw, const float* const* x, int64_t K,
   for (int r = 0; r < NR; ++r)
     for (int n = 0; n < NT; ++n) {
       float s = hsum(acc[r][n]);
-      for (int64_t j = k; j < K; ++j) s += to_float(w[r * ldw + j]) * x[n][j];
+      for (int64_t j = k; j < K; ++j) s += to_float(w[r * ldw + j]) * to_float(x[n][j]);
       out[n * ldo + r] = s;
     }
 }
 
 template <typename W, int NR>
-inline void rows_times_tokens(const W* w, int64_t ldw, const float* const* x, int64_t nt,
+inline void rows_times_tokens(const W* w, int64_t ldw, const W* const* x, int64_t nt,
                               int64_t K, float* out, int64_t ldo) {
   int64_t n = 0;
   for (; n + TOKS <= nt; n += TOKS) block_dot<W, NR, TOKS>(w, ldw, x + n, K, out + n * ldo, ldo);
@@ -104,7 +133,7 @@ inline void rows_times_tokens(const W* w, int64_t ldw, const float* const* x, in
 
 // out[n * ldo + r] = dot(w[r], x[n]) for r in [r0, r1), n < nt. out points at row r0's column.
 template <typename W>
-void rows_dot(const W* w, int64_t ldw, int64_t r0, int64_t r1, const float* const* x, int64_t nt,
+void rows_dot(const W* w, int64_t ldw, int64_t r0, int64_t r1, const W* const* x, int64_t nt,
               int64_t K, float* out, int64_t ldo) {
   int64_t r = r0;
   for (; r + ROWS <= r1; r += ROWS)
@@ -128,17 +157,17 @@ int64_t rows_per_task(int64_t rows, int64_t K, int64_t elem) {
   return std::max<int64_t>(ROWS, std::min(want, even) / ROWS * ROWS);
 }
 
-std::vector<float> to_fp32_rows(const at::Tensor& x) {  // [N, K] -> fp32 copy
-  at::Tensor f = x.to(at::kFloat).contiguous();
-  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+template <typename W>
+const W* rows_of(const at::Tensor& x) {  // x contiguous, of W's dtype
+  return reinterpret_cast<const W*>(x.data_ptr());
 }
 
 template <typename W>
 at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& w) {
   const int64_t N = x.size(0), K = x.size(1), O = w.size(0);
-  std::vector<float> xf = to_fp32_rows(x);
-  std::vector<const float*> xp(N);
-  for (int64_t n = 0; n < N; ++n) xp[n] = xf.data() + n * K;
+  const at::Tensor xc = x.contiguous();
+  std::vector<const W*> xp(N);
+  for (int64_t n = 0; n < N; ++n) xp[n] = rows_of<W>(xc) + n * K;
   at::Tensor out = at::empty({N, O}, x.options());
   W* op = reinterpret_cast<W*>(out.data_ptr());
   const W* wp = reinterpret_cast<const W*>(w.data_ptr());
@@ -200,15 +229,14 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
   for (int64_t e = 0; e < E; ++e)
     if (count[e + 1] > count[e]) used.push_back(e);
 
-  std::vector<float> xf = to_fp32_rows(x);
-  std::vector<const float*> xrow(P);  // pair (in expert order) -> its token's row
-  for (int64_t i = 0; i < P; ++i) xrow[i] = xf.data() + (order[i] / k) * D;
+  std::vector<const W*> xrow(P);  // pair (in expert order) -> its token's row
+  for (int64_t i = 0; i < P; ++i) xrow[i] = rows_of<W>(x) + (order[i] / k) * D;
 
   const W* gup = reinterpret_cast<const W*>(gate_up.data_ptr());
   const W* dp = reinterpret_cast<const W*>(down.data_ptr());
 
   // gate and up rows [i0, i1) of each used expert -> act [P, I] (rows in expert order).
-  std::vector<float> act(static_cast<size_t>(P * I));
+  std::vector<W> act(static_cast<size_t>(P * I));
   const int64_t istep = rows_per_task(I * static_cast<int64_t>(used.size()), D, gate_up.element_size());
   const int64_t iblocks = (I + istep - 1) / istep;
   at::parallel_for(0, static_cast<int64_t>(used.size()) * iblocks, 1, [&](int64_t a, int64_t b) {
@@ -216,7 +244,7 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
     for (int64_t task = a; task < b; ++task) {
       const int64_t e = used[task / iblocks], i0 = (task % iblocks) * istep;
       const int64_t i1 = std::min(I, i0 + istep), n = count[e + 1] - count[e], nr = i1 - i0;
-      const float* const* xs = xrow.data() + count[e];
+      const W* const* xs = xrow.data() + count[e];
       g.assign(n * nr, 0.f);
       u.assign(n * nr, 0.f);
       const W* we = gup + e * 2 * I * D;
@@ -225,14 +253,14 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
       for (int64_t j = 0; j < n; ++j)
         for (int64_t r = 0; r < nr; ++r) {
           const float gv = rnd<W>(g[j * nr + r]), uv = rnd<W>(u[j * nr + r]);
-          act[(count[e] + j) * I + i0 + r] = rnd<W>(rnd<W>(silu(gv)) * uv);
+          act[(count[e] + j) * I + i0 + r] = static_cast<W>(rnd<W>(silu(gv)) * uv);
         }
     }
   });
 
   // down rows [d0, d1) of each used expert -> y [P, D] (rows in expert order).
   std::vector<float> y(static_cast<size_t>(P * D));
-  std::vector<const float*> arow(P);
+  std::vector<const W*> arow(P);
   for (int64_t i = 0; i < P; ++i) arow[i] = act.data() + i * I;
   const int64_t dstep = rows_per_task(D * static_cast<int64_t>(used.size()), I, down.element_size());
   const int64_t dblocks = (D + dstep - 1) / dstep;
