@@ -54,8 +54,17 @@ class Cluster:
             return e.code, e.read()
 
     def replicas(self) -> dict[str, dict]:
-        _, body = self.get("/health")
-        return {r["replica"]: r for r in json.loads(body)["replicas"]}
+        """Each replica's stats by id. A replica busy streaming on its one CPU can miss the
+        ingress's probe deadline (reported "busy", without stats): asked again until all
+        answer, for a minute at most."""
+        deadline = time.monotonic() + 60
+        while True:
+            _, body = self.get("/health")
+            replicas = {r["replica"]: r for r in json.loads(body)["replicas"]}
+            if all(r["state"] != "busy" for r in replicas.values()) or \
+                    time.monotonic() > deadline:
+                return replicas
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")

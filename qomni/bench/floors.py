@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from qomni import cpu_ops
 from qomni.config import TextConfig
 from qomni.models.layers import Attention
 from qomni.models.moe import Experts, SparseMoE
@@ -152,17 +153,27 @@ def _sdpa_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
     return 4 * b * h * s * k_shape[-2] * d  # q·kᵀ and p·v
 
 
+def _routed_moe_flops(x_shape, ids_shape, weights_shape, gate_up_shape, down_shape, *args,
+                      out_shape=None, **kwargs) -> int:
+    """qomni_cpu.moe: each (token, chosen expert) pair runs gate_up [2I, D] and down [D, I]."""
+    return 2 * math.prod(ids_shape) * (math.prod(gate_up_shape[1:]) + math.prod(down_shape[1:]))
+
+
 def flop_counter() -> FlopCounterMode:
     """torch's FLOP counter, plus the ops the models use that it does not know (MoE grouped
-    GEMM; the CPU attention kernel; PackedLinear's oneDNN inner product and the quantized
-    matmuls, whose shapes read like a grouped GEMM's: x [..., K], out [..., N])."""
+    GEMM; the CPU attention kernel; PackedLinear's oneDNN inner product, the quantized matmuls
+    and qomni's own linear, whose shapes read like a grouped GEMM's: x [..., K], out [..., N];
+    qomni's own routed-experts call)."""
     aten = torch.ops.aten
-    return FlopCounterMode(display=False, custom_mapping={
+    mapping = {
         aten._grouped_mm: _grouped_mm_flops,
         aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
         torch.ops.mkldnn._linear_pointwise: _grouped_mm_flops,
         aten._weight_int4pack_mm_for_cpu: _grouped_mm_flops,
-        aten._weight_int8pack_mm: _grouped_mm_flops})
+        aten._weight_int8pack_mm: _grouped_mm_flops}
+    if (qomni_cpu := cpu_ops.ops()) is not None:
+        mapping |= {qomni_cpu.linear: _grouped_mm_flops, qomni_cpu.moe: _routed_moe_flops}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def param_count(model: nn.Module) -> int:
