@@ -37,6 +37,19 @@ def test_linear_rows_do_not_depend_on_the_batch():
         assert torch.equal(ops.linear(x[i:i + 1], w), whole[i:i + 1])
 
 
+@pytest.mark.parametrize("n", [1, 4, 15, 16, 17, 33, 70])  # AMX tiles from 4 tokens on
+@pytest.mark.parametrize("o", [16, 47, 96])  # whole tiles of rows, a tail of rows
+def test_linear_bf16_tiles_equal_torch(n, o):
+    """K a multiple of 32: where the CPU has AMX, 4 rows or more run as tiles."""
+    x, w = torch.randn(n, 256).bfloat16(), torch.randn(o, 256).bfloat16()
+    got = ops.linear(x, w)
+    want = F.linear(x.float(), w.float()).bfloat16()
+    assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
+    # every row the same whichever other rows share the call, once there are enough for tiles
+    if n >= 8:
+        assert torch.equal(ops.linear(x[: n // 2 + 4], w), got[: n // 2 + 4])
+
+
 def _moe_reference(x, ids, weights, gate_up, down):
     """transformers' expert loop: each token's experts summed in top-k order, bf16 rounding
     after every op where the inputs are bf16."""
@@ -67,6 +80,21 @@ def test_moe_equals_the_expert_loop(dtype, t):
     assert _rel(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
     # A token's result does not depend on the others in the call.
     assert torch.equal(ops.moe(x[:1], ids[:1], w[:1], gate_up, down), got[:1])
+
+
+@pytest.mark.parametrize("t", [2, 12, 40])
+def test_moe_bf16_tiles_equal_the_expert_loop(t):
+    """D and I multiples of 32 and up to 40 tokens on 4 experts: experts with 4 tokens or more
+    run as AMX tiles where the CPU has them, the others as dot products."""
+    e, k, d, i = 4, 2, 64, 96
+    x = torch.randn(t, d).bfloat16()
+    gate_up = (torch.randn(e, 2 * i, d) * d ** -0.5).bfloat16()
+    down = (torch.randn(e, d, i) * i ** -0.5).bfloat16()
+    probs = torch.softmax(torch.randn(t, e) + torch.tensor([3.0, 0, 0, -3]), -1)
+    w, ids = torch.topk(probs, k, -1)
+    w = w.bfloat16()
+    got = ops.moe(x, ids, w, gate_up, down)
+    assert _rel(got, _moe_reference(x, ids, w, gate_up, down)) < 1e-2
 
 
 def test_empty_batch():

@@ -32,6 +32,12 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+@functools.cache
+def amx_bf16() -> bool:
+    """The kernels multiply bf16 with AMX tiles (x86 with amx_bf16 and amx_tile)."""
+    return {"amx_bf16", "amx_tile"} <= set(_cpu_flags().split())
+
+
 def build_dir() -> Path:
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())

@@ -12,9 +12,12 @@ the grouped GEMM. bench/moe_kernels.py on a 2-core Xeon with AMX (avx512_bf16, a
 layer, qomni's oneDNN paths below -> `moe`: medium fp32 1 token 0.81 -> 0.31 ms, 8 tokens
 1.89 -> 1.43, 120 tokens 5.8 -> 4.2; bf16 1 token 0.94 -> 0.26, 8 tokens 1.09 -> 0.85, 32 tokens
 1.57 -> 1.58; real widths (128 experts top-8, D 2048, I 768) fp32 1 token 10.8 -> 7.0 ms, 8
-tokens 65 -> 43, 120 tokens 217 -> 173; bf16 1 token 5.5 -> 3.8, 8 tokens 45 -> 27, 32 tokens
-100 -> 68, 120 tokens 110 -> 135 (the grouped GEMM: 103, oneDNN's AMX kernels). In fp32 `moe`
-loses to the grouped GEMM beyond 256-480 tokens (medium, 480: 11.5 against 10.1 ms).
+tokens 65 -> 43, 120 tokens 217 -> 173. In fp32 `moe` loses to the grouped GEMM beyond 256-480
+tokens (medium, 480: 11.5 against 10.1 ms). In bf16, where the CPU has AMX, `moe` multiplies an
+expert's tokens with AMX tiles from 4 tokens on; against the grouped GEMM (oneDNN's AMX kernels),
+`--methods stream grouped`: medium 8 tokens 0.60 / 1.83 ms, 32 tokens 0.86 / 2.37, 120 tokens
+2.07 / 3.41, 480 tokens 10.1 / 7.3; real widths 8 tokens 25 / 46, 120 tokens 76 / 109, 480 tokens
+164 / 170.
 
 Where they do not build, `Experts.pack` replaces the weights by oneDNN-packed ones (measured on
 the medium thinker, 2-core Zen 5, per layer, fp32 / bf16):
@@ -43,6 +46,7 @@ DENSE_MAX_EXPERTS_PER_K = 4  # E / k up to which the joined (dense) weights are 
 DENSE_MAX_TOKENS = 32  # measured: the dense path loses to grouping beyond 32-64 tokens (fp32)
 # Tokens up to which qomni's `moe` kernel beats the grouped GEMM (measured, see above).
 STREAM_MAX_TOKENS = {torch.float32: 256, torch.bfloat16: 32}
+STREAM_MAX_TOKENS_AMX = 256  # bf16, where the kernel has AMX tiles
 
 # The public name of torch's grouped GEMM; builds that predate it have only the private one.
 grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
@@ -67,6 +71,8 @@ class Experts(nn.Module):
             self.gate_up_proj.data = self.gate_up_proj.data.contiguous()
             self.down_proj.data = self.down_proj.data.contiguous()
             self.stream_max_tokens = STREAM_MAX_TOKENS[dtype]
+            if dtype == torch.bfloat16 and cpu_ops.amx_bf16():
+                self.stream_max_tokens = STREAM_MAX_TOKENS_AMX
             return
         gate_up, down = self.gate_up_proj.detach(), self.down_proj.detach()
         e, two_i, d = gate_up.shape

@@ -21,10 +21,11 @@ For the fewest rows qomni's own kernel (`qomni.cpu_ops`, weight_stream.cpp) read
 faster still and without oneDNN's fixed cost of 15-30 us a call, so a PackedLinear keeps the
 plain weight too and runs it up to STREAM_MAX_ROWS rows. Measured on a 2-core Xeon with AMX
 (avx512_bf16, amx_bf16), us per call, weights out of cache, qomni's kernel / oneDNN packed / torch:
-fp32 4096 x 2048: 1 row 1512 / 2008 / 1446, 8 rows 2180 / 2708 / 4656, 16 rows 3018 / 3247 / 4265,
-32 rows 5285 / 4347 / 5229; bf16: 1 row 810 / 1197 / 1209, 2 rows 839 / 1276 / 1068, 4 rows
-1012 / 1195 / 938, 8 rows 1481 / 1096 / 1029 (oneDNN's AMX kernels win from there); a 16 x 512
-router, fp32: 8 / 49 / 7, bf16: 11 / 35 / 40; the bf16 lm_head 152064 x 2048, 1 row: 33 / 48 / 49 ms.
+fp32 4096 x 2048: 1 row 1383 / 1788 / 1073, 8 rows 2537 / 2865 / 3715, 16 rows 6025 / 4021 / 5460;
+fp32 151936 x 512 (the medium lm_head, rows of 512 out of cache): 1 row 22.9 / 22.3 / 22.6 ms, 2
+rows 26.1 / 23.0 / 23.4, 8 rows 32.1 / 26.5 / 63.5; fp32 1024 x 512 (in cache): 8 rows 96 / 125 /
+152; bf16 4096 x 2048: 1 row 575 / 802 / 3119, 2 rows 556 / 857 / 1170, 8 rows (tiles of AMX in
+qomni's kernel) 798 / 651 / 1140; the bf16 lm_head 152064 x 2048, 1 row: 33 / 48 / 49 ms.
 
 This is the op torch's own inductor uses for frozen CPU linears (`mkldnn._linear_pointwise`).
 The packed weight is an opaque `torch._mkldnn` tensor: it keeps `shape`, `dtype`, `device` and
@@ -45,7 +46,22 @@ from qomni import cpu_ops
 
 PACK_ROWS = 8  # the row count oneDNN lays packed weights out for
 # Rows up to which qomni's kernel beats oneDNN's packed weights (measured, see above).
-STREAM_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 2}
+STREAM_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 2}
+# fp32 rows shorter than this pay the kernel's sum of each dot product's lanes against few
+# products; for a weight that does not fit the caches oneDNN wins from 2 rows on.
+SHORT_ROW = 1024
+CACHED_BYTES = 8 << 20
+
+
+def stream_max_rows(weight: torch.Tensor) -> int:
+    """Rows up to which qomni's kernel runs this [O, K] weight (0: never)."""
+    rows = STREAM_MAX_ROWS.get(weight.dtype, 0)
+    if cpu_ops.ops() is None:
+        return 0
+    if (weight.dtype == torch.float32 and weight.shape[1] < SHORT_ROW
+            and weight.nbytes > CACHED_BYTES):
+        return 1
+    return rows
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -86,9 +102,7 @@ class PackedLinear(nn.Module):
         # Plain attributes, not buffers: Module.to() must not try to convert them.
         self.weight = pack_weight(linear.weight)  # [O, K]
         self.bias = linear.bias
-        self.stream_max_rows = STREAM_MAX_ROWS.get(linear.weight.dtype, 0)
-        if cpu_ops.ops() is None:
-            self.stream_max_rows = 0
+        self.stream_max_rows = stream_max_rows(linear.weight)
         self.plain = linear.weight.detach().contiguous() if self.stream_max_rows else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
