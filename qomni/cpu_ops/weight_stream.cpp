@@ -497,6 +497,7 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
   for (int64_t e = 0; e < E; ++e) most = std::max(most, count[e + 1] - count[e]);
   auto tokens_of = [&](const std::vector<const W*>& rows, int64_t K) {
     std::vector<std::vector<uint32_t>> packs(E);
+    if (!use_amx<W>(K, most)) return packs;  // no expert has tokens enough for tiles
     at::parallel_for(0, nused, 1, [&](int64_t a, int64_t b) {
       for (int64_t u = a; u < b; ++u) {
         const int64_t e = used[u], n = count[e + 1] - count[e];
