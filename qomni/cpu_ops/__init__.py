@@ -63,6 +63,6 @@ def ops():
             extra_ldflags=["-fopenmp"],
             is_python_module=False, verbose=False)
         return torch.ops.qomni_cpu
-    except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels remain
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: torch's kernels remain
         log.warning("qomni's CPU kernels are not available (%s); using torch's", e)
         return None

@@ -301,7 +301,8 @@ void rows_dot_amx(const c10::BFloat16* w, int64_t ldw, int64_t r0, int64_t r1,
       for (int64_t bb = b; bb < std::min(blocks, b + 2); ++bb)
         for (int64_t m = 0; m < ma; ++m)
           store_transposed(c + m * TILE * 2 * TILE + (bb - b) * TILE, 2 * TILE,
-                           std::min(TILE, nt - bb * TILE), out + bb * TILE * ldo + (r - r0) + m * TILE, ldo);
+                           std::min(TILE, nt - bb * TILE),
+                           out + bb * TILE * ldo + (r - r0) + m * TILE, ldo);
     }
     r += ma * TILE;
   }
@@ -319,7 +320,7 @@ struct Tokens {
 // out[n * ldo + r] = dot(w[r], x[n]) for r in [r0, r1): whole tiles of rows with AMX where the
 // tokens come packed, the other rows as rows_dot.
 template <typename W>
-void dot_rows(const W* w, int64_t ldw, int64_t r0, int64_t r1, const Tokens<W>& x, int64_t K,
+void rows_dot_any(const W* w, int64_t ldw, int64_t r0, int64_t r1, const Tokens<W>& x, int64_t K,
               float* out, int64_t ldo) {
   int64_t r = r0;
 #if defined(QOMNI_AMX)
@@ -374,7 +375,7 @@ at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& w) {
     std::vector<float> acc(static_cast<size_t>(N * step));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * step, r1 = std::min(O, r0 + step), nr = r1 - r0;
-      dot_rows<W>(wp, K, r0, r1, tokens, K, acc.data(), nr);
+      rows_dot_any<W>(wp, K, r0, r1, tokens, K, acc.data(), nr);
       for (int64_t n = 0; n < N; ++n)
         for (int64_t r = 0; r < nr; ++r) op[n * O + r0 + r] = static_cast<W>(acc[n * nr + r]);
     }
@@ -403,7 +404,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
-// -- the elementwise work around the matmuls, a vector at a time -----------------------------------
+// -- the elementwise work around the matmuls, a vector at a time ----------------------------------
 // (At prefill sizes the SwiGLU and the weighted sum over the top k cost as much as the matmuls
 // when done one value at a time: std::exp and each bf16 rounding are scalar calls.)
 
@@ -459,8 +460,6 @@ inline void store(W* p, f32v v) {  // v already rounded to W
     std::memcpy(p, &v, sizeof v);
   }
 }
-
-inline f32v load_f32(const float* p) { return load(p); }
 
 template <typename W>
 at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
@@ -528,15 +527,15 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
       g.assign(n * nr, 0.f);
       u.assign(n * nr, 0.f);
       const W* we = gup + e * 2 * I * D;
-      dot_rows<W>(we, D, i0, i1, xs, D, g.data(), nr);
-      dot_rows<W>(we, D, I + i0, I + i1, xs, D, u.data(), nr);
+      rows_dot_any<W>(we, D, i0, i1, xs, D, g.data(), nr);
+      rows_dot_any<W>(we, D, I + i0, I + i1, xs, D, u.data(), nr);
       for (int64_t j = 0; j < n; ++j) {
         const float *gj = g.data() + j * nr, *uj = u.data() + j * nr;
         W* aj = act.data() + (count[e] + j) * I + i0;
         int64_t r = 0;
         for (; r + L <= nr; r += L)
-          store<W>(aj + r, rnd_v<W>(rnd_v<W>(silu_v(rnd_v<W>(load_f32(gj + r)))) *
-                                    rnd_v<W>(load_f32(uj + r))));
+          store<W>(aj + r, rnd_v<W>(rnd_v<W>(silu_v(rnd_v<W>(load(gj + r)))) *
+                                    rnd_v<W>(load(uj + r))));
         for (; r < nr; ++r)
           aj[r] = static_cast<W>(rnd<W>(silu(rnd<W>(gj[r]))) * rnd<W>(uj[r]));
       }
@@ -555,7 +554,7 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
     for (int64_t task = a; task < b; ++task) {
       const int64_t e = used[task / dblocks], d0 = (task % dblocks) * dstep;
       const int64_t d1 = std::min(D, d0 + dstep);
-      dot_rows<W>(dp + e * D * I, I, d0, d1, tokens_for(arow, act_packs, e), I,
+      rows_dot_any<W>(dp + e * D * I, I, d0, d1, tokens_for(arow, act_packs, e), I,
                   y.data() + count[e] * D + d0, D);
     }
   });
@@ -575,8 +574,8 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
         const float wt = wtp[t * k + j];
         int64_t d = 0;
         for (; d + L <= D; d += L) {
-          const f32v term = rnd_v<W>(rnd_v<W>(load_f32(yr + d)) * wt);
-          const f32v v = j == 0 ? term : rnd_v<W>(load_f32(o + d) + term);
+          const f32v term = rnd_v<W>(rnd_v<W>(load(yr + d)) * wt);
+          const f32v v = j == 0 ? term : rnd_v<W>(load(o + d) + term);
           std::memcpy(o + d, &v, sizeof v);
         }
         for (; d < D; ++d) {
@@ -586,7 +585,7 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
       }
   });
   int64_t i = 0;  // the sums are rounded to W already
-  for (; i + L <= T * D; i += L) store<W>(op + i, load_f32(sum.data() + i));
+  for (; i + L <= T * D; i += L) store<W>(op + i, load(sum.data() + i));
   for (; i < T * D; ++i) op[i] = static_cast<W>(sum[i]);
   return out;
 }

@@ -55,13 +55,12 @@ CACHED_BYTES = 8 << 20
 
 def stream_max_rows(weight: torch.Tensor) -> int:
     """Rows up to which qomni's kernel runs this [O, K] weight (0: never)."""
-    rows = STREAM_MAX_ROWS.get(weight.dtype, 0)
     if cpu_ops.ops() is None:
         return 0
     if (weight.dtype == torch.float32 and weight.shape[1] < SHORT_ROW
             and weight.nbytes > CACHED_BYTES):
         return 1
-    return rows
+    return STREAM_MAX_ROWS.get(weight.dtype, 0)
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
