@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qomni import cpu_ops
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -113,9 +115,13 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 def first_max(x: torch.Tensor) -> torch.Tensor:
     """[B, V] -> [B]: the index of each row's largest value, the first one on a tie (as argmax).
-    On CPU `max` finds it 2-3x faster than `argmax` (8 x 151936 fp32 logits, one Xeon: 0.33
-    against 0.95 ms, a step's worth at batch 8)."""
-    return x.max(-1).indices
+    On CPU qomni's kernel reads fp32 or bf16 rows as they are (8 x 152064 bf16 logits on a
+    2-core Xeon: 0.2 ms against 3.2 for torch's conversion to fp32 and `max`); elsewhere, and
+    without the kernels, `max`, 2-3x faster than `argmax` on CPU."""
+    ops = cpu_ops.ops() if x.device.type == "cpu" else None
+    if ops is not None and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16):
+        return ops.first_max(x)
+    return x.float().max(-1).indices  # torch's bf16 reductions run slower than fp32 on CPU
 
 
 class Sampler:
@@ -172,7 +178,7 @@ def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler],
     """Each row with its own request's sampler (own settings and generator): [n, V] -> [n].
     seen / counts: each row's context tokens / generated-token counts, or None."""
     if all(s.all_greedy and not s.uses_penalty and not s.uses_counts for s in samplers):
-        return first_max(logits.float())  # bf16 reductions run slower than fp32 on CPU
+        return first_max(logits)
     counts = counts or [None] * len(samplers)
 
     def row(x: torch.Tensor | None) -> torch.Tensor | None:

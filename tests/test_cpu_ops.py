@@ -97,6 +97,23 @@ def test_moe_bf16_tiles_equal_the_expert_loop(t):
     assert _rel(got, _moe_reference(x, ids, w, gate_up, down)) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, v", [(1, 5), (1, 151936), (3, 17), (8, 152064), (2, 40000)])
+def test_first_max_is_torchs_max_index(dtype, b, v):
+    torch.manual_seed(v)
+    x = torch.randn(b, v).to(dtype)
+    assert torch.equal(ops.first_max(x), x.float().max(-1).indices)
+    # ties: the first wins, within a vector's lanes, across vectors, across the threads' spans
+    x[:, [v // 2, v - 1, 0 if v < 16 else 15]] = 50.0
+    x[0, [v - 1, v // 3]] = 60.0
+    assert torch.equal(ops.first_max(x), x.float().max(-1).indices)
+    x[-1] = float("-inf")
+    assert ops.first_max(x)[-1] == 0
+    x[0, [v - 1, v // 2]] = float("nan")  # a NaN above all, as torch's max
+    assert ops.first_max(x)[0] == v // 2 == x.float().max(-1).indices[0]
+    assert torch.equal(ops.first_max(x.t().contiguous().t()), ops.first_max(x))
+
+
 def test_empty_batch():
     assert ops.linear(torch.randn(0, 8), torch.randn(3, 8)).shape == (0, 3)
     out = ops.moe(torch.randn(0, 8), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2),
@@ -110,6 +127,9 @@ def test_empty_batch():
     (lambda: ops.linear(torch.randn(2, 8).half(), torch.randn(3, 8).half()), "float32 or bfloat16"),
     (lambda: ops.linear(torch.randn(2, 8), torch.randn(8, 3).t()), "contiguous"),
     (lambda: ops.linear(torch.randn(8), torch.randn(3, 8)), "x \\[N, K\\]"),
+    (lambda: ops.first_max(torch.randn(8)), "x \\[B, V\\] with V > 0"),
+    (lambda: ops.first_max(torch.randn(2, 0)), "V > 0"),
+    (lambda: ops.first_max(torch.randn(2, 8).half()), "float32 or bfloat16"),
     (lambda: ops.moe(torch.randn(2, 8), torch.tensor([[0], [4]]), torch.ones(2, 1),
                      torch.randn(4, 6, 8), torch.randn(4, 8, 3)), "expert id 4 outside \\[0, 4\\)"),
     (lambda: ops.moe(torch.randn(2, 8), torch.tensor([[0], [-1]]), torch.ones(2, 1),

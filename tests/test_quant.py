@@ -8,7 +8,6 @@ from quant_fixtures import CONVERSATION, SMALL, quant_tiny, rel_l2
 
 from qomni import Omni
 from qomni.cli import main
-from qomni.models.layers import Attention
 from qomni.models.moe import Experts
 from qomni.models.packed_linear import PackedLinear
 from qomni.quant import kernels
@@ -184,8 +183,6 @@ def test_quantized_weights_take_less_memory(small):
                 if ".layers." in n and "experts" in n)
     dense += sum(m.weight_nbytes() for m in fp.modules()  # experts packed, not parameters
                  if isinstance(m, Experts) and m.packed is not None)
-    dense += sum(m.qkv.numel() * 4 for m in fp.modules()  # q, k, v packed as one
-                 if isinstance(m, Attention) and m.qkv is not None)
     dense += sum(m.weight.numel() * 4 for n, m in fp.named_modules()
                  if isinstance(m, PackedLinear) and ".layers." in n and not n.endswith(".gate")
                  and "shared_expert_gate" not in n and not n.startswith(("thinker.audio",

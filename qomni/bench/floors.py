@@ -22,7 +22,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qomni import cpu_ops
 from qomni.config import TextConfig
-from qomni.models.layers import Attention
 from qomni.models.moe import Experts, SparseMoE
 from qomni.models.packed_linear import PackedLinear
 from qomni.quant.experts import QuantExperts
@@ -183,8 +182,6 @@ def param_count(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, (PackedLinear, QuantLinear)):
             held += m.in_features * m.out_features
-        elif isinstance(m, Attention) and m.qkv is not None:
-            held += m.qkv.numel()
         elif isinstance(m, QuantExperts) or (isinstance(m, Experts) and m.packed is not None):
             held += 3 * m.num_experts * m.hidden * m.intermediate
         elif isinstance(m, QuantEmbedding):
@@ -214,8 +211,6 @@ def weight_bytes(module: nn.Module, tokens: int = 1) -> float:
             total += tokens * m.weight_nbytes() / m.num_embeddings
         elif isinstance(m, PackedLinear):  # its packed weight is no parameter
             total += _nbytes(m.weight)
-        elif isinstance(m, Attention) and m.qkv is not None:
-            total += _nbytes(m.qkv)
         elif isinstance(m, QuantLinear):
             total += m.weight_nbytes()
     return total + sum(_nbytes(p) for p in module.parameters() if id(p) not in partial_ids)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qomni.models.packed_linear import pack_weight, packed_linear
+from qomni.models.packed_linear import PackedLinear
 from qomni.models.rope import apply_rope
 
 
@@ -160,15 +160,15 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(head_dim, eps)
             self.k_norm = RMSNorm(head_dim, eps)
         self.qk_norm = qk_norm
-        # Plain attributes, not buffers (set by `pack`): Module.to() must not convert them.
-        self.qkv: torch.Tensor | None = None  # packed [(H + 2Hkv)·Dh, D]
+        self.qkv: PackedLinear | None = None  # [(H + 2Hkv)·Dh, D], set by `pack`
+        # A plain attribute, not a buffer (set by `pack`): Module.to() must not convert it.
         self.qk_weight: torch.Tensor | None = None  # [H + Hkv, Dh] q_norm's rows, k_norm's
 
     def pack(self) -> None:
         """Join q_proj, k_proj and v_proj into one packed weight (CPU inference; they are
         dropped)."""
-        self.qkv = pack_weight(torch.cat([self.q_proj.weight, self.k_proj.weight,
-                                          self.v_proj.weight]))
+        self.qkv = PackedLinear.of(torch.cat([self.q_proj.weight, self.k_proj.weight,
+                                              self.v_proj.weight]))
         del self.q_proj, self.k_proj, self.v_proj
         if self.qk_norm:
             self.qk_weight = torch.cat([self.q_norm.weight.detach().expand(self.heads, -1),
@@ -178,7 +178,7 @@ class Attention(nn.Module):
                 cache: KVCache | CacheRows, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         if self.qkv is not None:
-            qkv = packed_linear(x, self.qkv).view(b, s, -1, self.head_dim)
+            qkv = self.qkv(x).view(b, s, -1, self.head_dim)
             n = self.heads + self.kv_heads
             qk, v = qkv[:, :, :n], qkv[:, :, n:]
             if self.qk_norm:
