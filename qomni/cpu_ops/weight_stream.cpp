@@ -50,6 +50,11 @@ namespace {
 constexpr int64_t L = 16;  // lanes of one vector
 constexpr int ROWS = 4;    // weight rows per inner block (independent accumulators)
 constexpr int TOKS = 4;    // tokens per inner block
+// How far ahead of its reads a weight stream asks for its weight: the hardware prefetcher alone
+// leaves the read rate falling as the products per byte grow (the medium lm_head 152064 x 512,
+// fp32, 2-core Xeon, 1 / 2 / 8 rows: 17.4 / 19.5 / 25.9 ms -> 15.2 / 15.7 / 22.0; bf16 1 row
+// 10.8 -> 8.6; rows of 2048 as before).
+constexpr int64_t AHEAD_BYTES = 16 * 1024;
 using f32v = float __attribute__((vector_size(4 * L)));
 using u16v = uint16_t __attribute__((vector_size(2 * L)));
 using u32v = uint32_t __attribute__((vector_size(4 * L)));
@@ -97,6 +102,7 @@ inline void block_dot(const W* w, int64_t ldw, const W* const* x, int64_t K, flo
       __m512bh xv[NT];
       for (int n = 0; n < NT; ++n) xv[n] = (__m512bh)_mm512_loadu_si512(x[n] + k);
       for (int r = 0; r < NR; ++r) {
+        __builtin_prefetch(w + r * ldw + k + AHEAD_BYTES / sizeof(W));
         const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * ldw + k);
         for (int n = 0; n < NT; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], wv, xv[n]);
       }
@@ -115,6 +121,7 @@ inline void block_dot(const W* w, int64_t ldw, const W* const* x, int64_t K, flo
     f32v xv[NT];
     for (int n = 0; n < NT; ++n) xv[n] = load(x[n] + k);
     for (int r = 0; r < NR; ++r) {
+      __builtin_prefetch(w + r * ldw + k + AHEAD_BYTES / sizeof(W));
       f32v wv = load(w + r * ldw + k);
       for (int n = 0; n < NT; ++n) acc[r][n] += wv * xv[n];
     }

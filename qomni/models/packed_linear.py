@@ -20,12 +20,14 @@ that lm_head about 2x faster than torch's bf16 matmul (`native_bf16`).
 For the fewest rows qomni's own kernel (`qomni.cpu_ops`, weight_stream.cpp) reads a weight
 faster still and without oneDNN's fixed cost of 15-30 us a call, so a PackedLinear keeps the
 plain weight too and runs it up to STREAM_MAX_ROWS rows. Measured on a 2-core Xeon with AMX
-(avx512_bf16, amx_bf16), us per call, weights out of cache, qomni's kernel / oneDNN packed / torch:
-fp32 4096 x 2048: 1 row 1383 / 1788 / 1073, 8 rows 2537 / 2865 / 3715, 16 rows 6025 / 4021 / 5460;
-fp32 151936 x 512 (the medium lm_head, rows of 512 out of cache): 1 row 22.9 / 22.3 / 22.6 ms, 2
-rows 26.1 / 23.0 / 23.4, 8 rows 32.1 / 26.5 / 63.5; fp32 1024 x 512 (in cache): 8 rows 96 / 125 /
-152; bf16 4096 x 2048: 1 row 575 / 802 / 3119, 2 rows 556 / 857 / 1170, 8 rows (tiles of AMX in
-qomni's kernel) 798 / 651 / 1140; the bf16 lm_head 152064 x 2048, 1 row: 33 / 48 / 49 ms.
+(avx512_bf16, amx_bf16), us per call, weights out of cache, qomni's kernel / oneDNN packed
+(a loop over copies of each weight, best of 9, one run):
+fp32 4096 x 2048: 1 row 1384 / 1854, 8 rows 2300 / 2440, 16 rows 3743 / 3110; fp32 152064 x 512
+(the medium lm_head): 1 row 14.8 / 15.9 ms, 4 rows 16.6 / 17.9, 8 rows 21.7 / 21.2, 16 rows
+34.9 / 27.4; fp32 512 x 1024: 8 rows 156 / 221; bf16 4096 x 2048: 1 row 575 / 802, 2 rows 556 /
+857, 8 rows (AMX tiles) 798 / 651; bf16 rows of 1024 or fewer with AMX tiles: 152064 x 512, 8
+rows 9.9 / 12.0 ms, 16 rows 10.3 / 11.6, 32 rows 17.1 / 17.4; 1280 x 512, 16 rows 89 / 103;
+the bf16 lm_head 152064 x 2048, 1 row: 33 / 48 ms.
 
 This is the op torch's own inductor uses for frozen CPU linears (`mkldnn._linear_pointwise`).
 The packed weight is an opaque `torch._mkldnn` tensor: it keeps `shape`, `dtype`, `device` and
@@ -47,12 +49,9 @@ from qomni import cpu_ops
 PACK_ROWS = 8  # the row count oneDNN lays packed weights out for
 # Rows up to which qomni's kernel beats oneDNN's packed weights (measured, see above).
 STREAM_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 2}
-# fp32 rows shorter than this pay the kernel's sum of each dot product's lanes against few
-# products; for a weight that does not fit the caches oneDNN wins from 2 rows on.
-SHORT_ROW = 1024
-CACHED_BYTES = 8 << 20
-# bf16 with AMX tiles: rows of up to SHORT_ROW values (1 KB and less apart) run as tiles faster
+# bf16 with AMX tiles: rows of up to SHORT_ROW values (2 KB and less apart) run as tiles faster
 # than oneDNN up to 16 rows; longer rows lose from 4 rows on (the tile rows 4 KB apart).
+SHORT_ROW = 1024
 STREAM_MAX_ROWS_AMX_SHORT = 16
 
 
@@ -60,9 +59,6 @@ def stream_max_rows(weight: torch.Tensor) -> int:
     """Rows up to which qomni's kernel runs this [O, K] weight (0: never)."""
     if cpu_ops.ops() is None:
         return 0
-    if (weight.dtype == torch.float32 and weight.shape[1] < SHORT_ROW
-            and weight.nbytes > CACHED_BYTES):
-        return 1
     if (weight.dtype == torch.bfloat16 and weight.shape[1] <= SHORT_ROW
             and weight.shape[1] % 32 == 0 and cpu_ops.amx_bf16()):  # whole tile rows
         return STREAM_MAX_ROWS_AMX_SHORT
