@@ -142,8 +142,9 @@ class Omni:
             if not isinstance(ev, TextDelta):
                 inbox.put((req, ev))
 
-        cancels = [self._submit(loop, req, lambda ev, req=req: deliver(req, ev))
-                   for req in reqs]
+        with loop.together():
+            cancels = [self._submit(loop, req, lambda ev, req=req: deliver(req, ev))
+                       for req in reqs]
         audio: dict[str, list[np.ndarray]] = {r.id: [] for r in reqs}
         pending = len(reqs)
         while pending:

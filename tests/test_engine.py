@@ -566,6 +566,34 @@ def test_a_batch_admitted_together_equals_each_request_alone(omni):
         assert t.token_ids == a.token_ids and torch.equal(t.codes, a.codes)
 
 
+def test_a_batch_reaches_the_engine_at_once(omni, monkeypatch):
+    """generate() of a list hands its requests over together: one prefill of them all, not the
+    first alone while the others are being handed over (which cost a whole extra step)."""
+    from qomni.engine.engine import Engine
+
+    sizes = []
+    prefill = Engine._prefill
+
+    def recording(self, owners, chunks):
+        sizes.append(len(chunks))
+        return prefill(self, owners, chunks)
+
+    monkeypatch.setattr(Engine, "_prefill", recording)
+    loop = omni._loop()
+    done = []
+    opts = GenerateOptions.build(None, "generate", max_new_tokens=2, return_audio=False)
+    with loop.together():  # nothing submitted inside reaches the engine before the end
+        omni._submit(loop, omni._request(HELLO, opts), done.append)
+        time.sleep(0.3)
+        assert sizes == [] and loop.engine.occupancy()["waiting"] == 0
+    while not any(isinstance(ev, Finished) for ev in done):
+        time.sleep(0.01)
+    assert sizes == [1]
+    for _ in range(3):
+        omni.generate([HELLO, STORY, LONG], max_new_tokens=2, return_audio=False)
+    assert sizes == [1, 3, 3, 3]
+
+
 def _chunked_twin(omni, budget):
     """The same model and processor behind an engine that prefills `budget` tokens a step."""
     cfg = dataclasses.replace(omni.engine_config, max_prefill_tokens=budget)

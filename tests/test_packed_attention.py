@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from qomni.models.layers import Attention, KVCache, pack_attention
+from qomni.models.layers import Attention, KVCache, on_tokens, pack_attention
 from qomni.models.packed_linear import native_bf16
 from qomni.models.rope import RoPE
+from qomni.models.thinker import valid_tokens
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
 
@@ -63,3 +64,21 @@ def test_pack_attention_only_plain_linears_of_the_dtypes():
     assert pack_attention(model, (torch.float32,)) == 1
     assert model[0].qkv is not None and model[1].qkv is None
     assert pack_attention(model, (torch.float32,)) == 0  # packed once
+
+
+def test_a_padded_batch_multiplies_only_its_valid_tokens():
+    seen = []
+
+    class Twice(nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape))
+            return 2 * x
+
+    x = torch.randn(2, 5, 4)
+    out = on_tokens(Twice(), x, valid_tokens(torch.tensor([5, 3]), 5))
+    assert seen == [(8, 4)]  # 5 + 3 tokens, none of the padding
+    assert torch.equal(out[0], 2 * x[0]) and torch.equal(out[1, :3], 2 * x[1, :3])
+    assert not out[1, 3:].any()
+    assert valid_tokens(torch.tensor([5, 5]), 5) is None  # nothing padded
+    assert valid_tokens(torch.ones(2, dtype=torch.long), 1) is None  # a decode step
+    assert torch.equal(on_tokens(Twice(), x, None), 2 * x) and seen[-1] == (2, 5, 4)

@@ -5,8 +5,9 @@ request's events go to its own callback."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from qomni.engine.engine import Engine
 from qomni.engine.openmp import release_caller_threads
@@ -21,6 +22,7 @@ class EngineLoop:
         engine.on_events = self._deliver_events
         self._cv = threading.Condition()
         self._inbox: list[tuple[Request, Deliver]] = []
+        self._holding = 0  # callers inside `together()`: the inbox waits for them
         self._aborts: list[Request] = []
         self._prefix_ops: list[tuple[bool, Prefix]] = []  # (open?, prefix)
         self._callbacks: dict[str, tuple[Request, Deliver]] = {}
@@ -51,6 +53,19 @@ class EngineLoop:
             self._inbox.append((req, deliver))
             self._cv.notify()
 
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Requests submitted inside reach the engine at once, so that a batch is admitted (and
+        prefilled) in one step, not its first request alone while the others are made."""
+        with self._cv:
+            self._holding += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._holding -= 1
+                self._cv.notify()
+
     def abort(self, req: Request) -> None:
         with self._cv:
             self._aborts.append(req)
@@ -69,12 +84,12 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._inbox or self._aborts or self._prefix_ops
-                           or self.engine.has_work() or self._closed):
+                while not ((self._inbox and not self._holding) or self._aborts
+                           or self._prefix_ops or self.engine.has_work() or self._closed):
                     self._cv.wait()
                 if self._closed:
                     return
-                inbox, self._inbox = self._inbox, []
+                inbox, self._inbox = ([], self._inbox) if self._holding else (self._inbox, [])
                 aborts, self._aborts = self._aborts, []
                 prefix_ops, self._prefix_ops = self._prefix_ops, []
             for is_open, prefix in prefix_ops:

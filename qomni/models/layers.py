@@ -137,6 +137,20 @@ def step_slots(start: torch.Tensor, n_new: torch.Tensor, seq: int,
     return slots, mask[:, None]
 
 
+def on_tokens(f: nn.Module, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """f over the tokens of x [B, S, D] -> [B, S, D'], a token at a time. With `keep` (the
+    indices of the valid tokens in B·S, when a right-padded batch has padding) only over those,
+    the padding's outputs left 0: a batch of prompts of unequal lengths multiplies no padding
+    (8 prompts of 13-16 tokens: 115 tokens, not 128)."""
+    if keep is None:
+        return f(x)
+    b, s, d = x.shape
+    y = f(x.reshape(b * s, d)[keep])
+    out = y.new_zeros(b * s, y.shape[-1])
+    out[keep] = y
+    return out.view(b, s, -1)
+
+
 class Attention(nn.Module):
     """Causal GQA with per-head RMSNorm on q and k (Qwen3), rotary positions and a KV cache.
 
@@ -175,10 +189,11 @@ class Attention(nn.Module):
                                         self.k_norm.weight.detach().expand(self.kv_heads, -1)])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                cache: KVCache | CacheRows, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                cache: KVCache | CacheRows, slots: torch.Tensor, mask: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         if self.qkv is not None:
-            qkv = self.qkv(x).view(b, s, -1, self.head_dim)
+            qkv = on_tokens(self.qkv, x, keep).view(b, s, -1, self.head_dim)
             n = self.heads + self.kv_heads
             qk, v = qkv[:, :, :n], qkv[:, :, n:]
             if self.qk_norm:
@@ -186,9 +201,9 @@ class Attention(nn.Module):
             qk = apply_rope(qk.transpose(1, 2), cos, sin)
             q, k = qk[:, : self.heads], qk[:, self.heads:]
         else:
-            q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
-            k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
-            v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
+            q = on_tokens(self.q_proj, x, keep).view(b, s, self.heads, self.head_dim)
+            k = on_tokens(self.k_proj, x, keep).view(b, s, self.kv_heads, self.head_dim)
+            v = on_tokens(self.v_proj, x, keep).view(b, s, self.kv_heads, self.head_dim)
             if self.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
             q = apply_rope(q.transpose(1, 2), cos, sin)
@@ -199,7 +214,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
             return self.o_proj(out.reshape(b, 1, -1))
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return on_tokens(self.o_proj, out.transpose(1, 2).reshape(b, s, -1), keep)
 
 
 class DecoderLayer(nn.Module):
@@ -216,10 +231,12 @@ class DecoderLayer(nn.Module):
         self.index = index
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | CacheRows, slots: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, self.index, cache, slots, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+                cache: KVCache | CacheRows, slots: torch.Tensor, mask: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """keep: the valid tokens of a padded batch (see `on_tokens`), or None."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, self.index, cache, slots, mask,
+                               keep)
+        return h + on_tokens(self.mlp, self.post_attention_layernorm(h), keep)
 
 
 def pack_attention(model: nn.Module, dtypes: tuple[torch.dtype, ...]) -> int:

@@ -37,6 +37,14 @@ class Deepstack:
     features: list[torch.Tensor]  # each [Nv, D]
 
 
+def valid_tokens(n_new: torch.Tensor, s: int) -> torch.Tensor | None:
+    """The indices in B·S of a right-padded step's valid tokens (row b's first n_new[b]), or
+    None where the step has no padding."""
+    if s == 1 or int(n_new.min()) == s:
+        return None
+    return (torch.arange(s, device=n_new.device) < n_new[:, None]).reshape(-1).nonzero()[:, 0]
+
+
 class TextModel(nn.Module):
     """Decoder stack shared by the thinker and the talker (the talker adds a shared expert)."""
 
@@ -67,9 +75,10 @@ class TextModel(nn.Module):
             raise ValueError(f"sequence exceeds the KV cache capacity of {cache.max_len} tokens")
         cos, sin = self.rotary(positions, h.dtype)
         slots, mask = cache.slots(n_new, s)
+        keep = valid_tokens(n_new, s)
         captured = h if capture == 0 else None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache, slots, mask)
+            h = layer(h, cos, sin, cache, slots, mask, keep)
             if capture == i + 1:
                 captured = h  # recorded before the deepstack addition, as the reference does
             if deepstack is not None and i < len(deepstack.features):
