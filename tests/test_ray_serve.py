@@ -175,11 +175,15 @@ def test_requests_go_to_the_replica_without_a_stream_running(cluster):
             text = _collect(chunks)[0]
             assert replica != busy, i
             assert text == cluster.ref.generate(conv, max_new_tokens=4, seed=i).text, i
-        assert cluster.replicas()[busy]["running"] == 1  # the long stream ran all along
+        more = next(iter(long))  # the long stream ran all along, and still streams
+        assert more.choices and more.choices[0].finish_reason is None
+        stats = cluster.replicas()[busy]
+        # "busy": too taken by the stream on its one CPU to answer the probe in time
+        assert stats["state"] == "busy" or stats["running"] == 1, stats
     finally:
         long.close()
     deadline = time.monotonic() + 30
-    while cluster.replicas()[busy]["running"]:  # it aborts: the next tests find it idle
+    while cluster.replicas()[busy].get("running", 1):  # it aborts: the next tests find it idle
         assert time.monotonic() < deadline, "the long stream still runs"
         time.sleep(0.2)
 
