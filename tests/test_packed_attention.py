@@ -5,10 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from qomni.models.layers import Attention, KVCache, on_tokens, pack_attention
+from qomni.models.layers import Attention, KVCache, on_tokens, pack_attention, valid_tokens
 from qomni.models.packed_linear import native_bf16
 from qomni.models.rope import RoPE
-from qomni.models.thinker import valid_tokens
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
 

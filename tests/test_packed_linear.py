@@ -17,13 +17,14 @@ def test_equals_linear(shape, bias):
     x = torch.randn(shape)
     with torch.inference_mode():
         want = lin(x)
-        got = PackedLinear(lin)(x)
+        got = PackedLinear(lin.weight, lin.bias)(x)
     assert got.shape == want.shape
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def test_empty_input():
-    packed = PackedLinear(nn.Linear(8, 4))
+    lin = nn.Linear(8, 4)
+    packed = PackedLinear(lin.weight, lin.bias)
     assert packed(torch.zeros(0, 8)).shape == (0, 4)
 
 

@@ -673,8 +673,7 @@ at::Tensor first_max_impl(const at::Tensor& x) {
   at::parallel_for(0, B * spans, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t row = t / spans, i0 = (t % spans) * span;
-      const Best b = first_max_span<W>(xp + row * V, i0, std::min(V, i0 + span));
-      part[t] = b;
+      part[t] = first_max_span<W>(xp + row * V, i0, std::min(V, i0 + span));
     }
   });
   at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));

@@ -89,7 +89,9 @@ class EngineLoop:
                     self._cv.wait()
                 if self._closed:
                     return
-                inbox, self._inbox = ([], self._inbox) if self._holding else (self._inbox, [])
+                inbox = []
+                if not self._holding:
+                    inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
                 prefix_ops, self._prefix_ops = self._prefix_ops, []
             for is_open, prefix in prefix_ops:

@@ -97,22 +97,16 @@ def packed_dtypes() -> tuple[torch.dtype, ...]:
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        """weight [O, K] (an nn.Linear's, or q/k/v joined at load), bias [O] or None."""
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().contiguous()
+        self.out_features, self.in_features = weight.shape
+        weight = weight.detach().contiguous()
         # Plain attributes, not buffers: Module.to() must not try to convert them.
         self.weight = pack_weight(weight)  # [O, K]
-        self.bias = linear.bias
+        self.bias = bias
         self.stream_max_rows = stream_max_rows(weight)
         self.plain = weight if self.stream_max_rows else None
-
-    @classmethod
-    def of(cls, weight: torch.Tensor) -> PackedLinear:
-        """A PackedLinear without bias for the weight [O, K] (for weights joined at load)."""
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        return cls(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., O]."""
@@ -141,6 +135,6 @@ def pack_linears(model: nn.Module,
         for name, child in list(parent.named_children()):
             if (type(child) is nn.Linear and child.weight.device.type == "cpu"
                     and child.weight.dtype in dtypes):
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PackedLinear(child.weight, child.bias))
                 count += 1
     return count

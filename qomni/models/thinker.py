@@ -16,7 +16,7 @@ from torch import nn
 
 from qomni.config import SpecialTokens, TextConfig, ThinkerConfig
 from qomni.models.audio_encoder import AudioEncoder
-from qomni.models.layers import MLP, DecoderLayer, KVCache, RMSNorm
+from qomni.models.layers import MLP, DecoderLayer, KVCache, RMSNorm, valid_tokens
 from qomni.models.moe import SparseMoE
 from qomni.models.rope import MRoPE
 from qomni.models.vision_encoder import VisionEncoder
@@ -35,14 +35,6 @@ class Deepstack:
 
     mask: torch.Tensor  # [B, S] bool, True at image/video token positions
     features: list[torch.Tensor]  # each [Nv, D]
-
-
-def valid_tokens(n_new: torch.Tensor, s: int) -> torch.Tensor | None:
-    """The indices in B·S of a right-padded step's valid tokens (row b's first n_new[b]), or
-    None where the step has no padding."""
-    if s == 1 or int(n_new.min()) == s:
-        return None
-    return (torch.arange(s, device=n_new.device) < n_new[:, None]).reshape(-1).nonzero()[:, 0]
 
 
 class TextModel(nn.Module):
