@@ -43,6 +43,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -351,8 +352,8 @@ inline float rnd(float v) {
 // Rows of weight per parallel task: enough that a task's fixed cost is small against reading
 // its rows, few enough that the tasks spread over the threads.
 // With AMX, whole tiles of 16 rows (`unit`).
-int64_t rows_per_task(int64_t rows, int64_t K, int64_t elem, int64_t unit = ROWS) {
-  int64_t want = std::max<int64_t>(unit, (64 * 1024) / std::max<int64_t>(1, K * elem));
+int64_t rows_per_task(int64_t rows, int64_t row_bytes, int64_t unit = ROWS) {
+  int64_t want = std::max<int64_t>(unit, (64 * 1024) / std::max<int64_t>(1, row_bytes));
   int64_t threads = at::get_num_threads();
   int64_t even = (rows + threads - 1) / threads;
   return std::max<int64_t>(unit, std::min(want, even) / unit * unit);
@@ -361,52 +362,6 @@ int64_t rows_per_task(int64_t rows, int64_t K, int64_t elem, int64_t unit = ROWS
 template <typename W>
 const W* rows_of(const at::Tensor& x) {  // x contiguous, of W's dtype
   return reinterpret_cast<const W*>(x.data_ptr());
-}
-
-template <typename W>
-at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& w) {
-  const int64_t N = x.size(0), K = x.size(1), O = w.size(0);
-  const at::Tensor xc = x.contiguous();
-  std::vector<const W*> xp(N);
-  for (int64_t n = 0; n < N; ++n) xp[n] = rows_of<W>(xc) + n * K;
-  at::Tensor out = at::empty({N, O}, x.options());
-  W* op = reinterpret_cast<W*>(out.data_ptr());
-  const W* wp = reinterpret_cast<const W*>(w.data_ptr());
-  const bool amx = use_amx<W>(K, N);
-  std::vector<uint32_t> pairs;
-  if (amx) pairs = pack_pairs<W>(xp.data(), N, K);
-  const Tokens<W> tokens{xp.data(), N, amx ? pairs.data() : nullptr};
-  const int64_t step = rows_per_task(O, K, w.element_size(), amx ? 2 * TILE : ROWS);
-  const int64_t tasks = (O + step - 1) / step;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(static_cast<size_t>(N * step));
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t * step, r1 = std::min(O, r0 + step), nr = r1 - r0;
-      rows_dot_any<W>(wp, K, r0, r1, tokens, K, acc.data(), nr);
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t r = 0; r < nr; ++r) op[n * O + r0 + r] = static_cast<W>(acc[n * nr + r]);
-    }
-  });
-  return out;
-}
-
-void check_pair(const at::Tensor& x, const at::Tensor& w, int64_t k_dim, const char* what) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), what, ": CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), what, ": x is ", x.scalar_type(),
-              ", the weight ", w.scalar_type());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, what,
-              ": float32 or bfloat16 only, got ", x.scalar_type());
-  TORCH_CHECK(w.is_contiguous(), what, ": the weight must be contiguous");
-  TORCH_CHECK(x.size(-1) == w.size(k_dim), what, ": x has ", x.size(-1),
-              " features, the weight ", w.size(k_dim));
-}
-
-// x [N, K] @ w[O, K]^T -> [N, O], in x's dtype.
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "linear: x [N, K] and w [O, K]");
-  check_pair(x, w, 1, "linear");
-  if (x.scalar_type() == at::kFloat) return linear_impl<float>(x, w);
-  return linear_impl<c10::BFloat16>(x, w);
 }
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
@@ -468,11 +423,266 @@ inline void store(W* p, f32v v) {  // v already rounded to W
   }
 }
 
+// -- the weights a matmul reads: dense rows, or int4 in groups -----------------------------------
+//
+// `dot(e, r0, r1, x, out, ldo)`: out[n * ldo + r - r0] = dot(row r of weight e, token n) for r in
+// [r0, r1). `row_bytes`: what one row reads (it sizes the parallel tasks).
+
 template <typename W>
+struct Dense {  // E weights [E, O, K] of W
+  const W* w;
+  int64_t O, K;
+  int64_t row_bytes() const { return K * static_cast<int64_t>(sizeof(W)); }
+  void dot(int64_t e, int64_t r0, int64_t r1, const Tokens<W>& x, float* out, int64_t ldo) const {
+    rows_dot_any<W>(w + e * O * K, K, r0, r1, x, K, out, ldo);
+  }
+};
+
+// int4 weights in groups (weight-only quantization; qomni/quant/kernels.py packs them):
+// w[r][k] = (u - 8) * s[r][g] - zs[r][g], u the unsigned nibble, g = k / group, zs = zero * s
+// (absent for symmetric schemes). A row is K / 128 blocks of 64 bytes, read as 32 16-bit words:
+// nibble c (bits 4c..4c+3) of word i holds value 32c + i of the block, so each nibble position
+// of a block's words is 32 consecutive values, which with AVX512-BF16 one vpermw turns into bf16
+// (exact: -8..7) and one vdpbf16ps multiplies by the token. Products are summed per group in
+// fp32 and scaled once per group.
+constexpr int64_t Q4_BLOCK = 128;  // values in 64 bytes
+constexpr int Q4_ROWS = 1;  // rows per inner block
+constexpr int Q4_TOKS = 2;  // tokens per inner block (registers: 2 rows x 2 tokens x 5 sums)
+using BF16 = c10::BFloat16;
+
+// out[n * ldo + r] = dot(row r, x[n]) for r < NR, n < NT; q, s, zs at row 0 of the block.
+template <int NR, int NT>
+inline void q4_block_dot(const uint8_t* q, const float* s, const float* zs, int64_t K, int64_t G,
+                         int64_t group, const BF16* const* x, const float* xsum, float* out,
+                         int64_t ldo) {
+  const int64_t ldq = K / 2;
+  float res[NR][NT];
+#if defined(__AVX512BF16__)
+  alignas(64) static constexpr uint16_t TABLE[32] = {  // bf16 of (i % 16) - 8: index bit 4 ignored
+      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
+      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
+      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
+  const __m512i table = _mm512_load_si512(TABLE);
+  // acc[c]: a sum per nibble position, so that the products of a row are 4 chains, not 1
+  __m512 tot[NR][NT], acc[4][NR][NT];
+  for (int r = 0; r < NR; ++r)
+    for (int n = 0; n < NT; ++n) {
+      tot[r][n] = _mm512_setzero_ps();
+      for (int c = 0; c < 4; ++c) acc[c][r][n] = _mm512_setzero_ps();
+    }
+  int64_t g = 0, g_end = group;
+  for (int64_t k0 = 0; k0 < K; k0 += Q4_BLOCK) {
+    __m512i words[NR];
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* p = q + r * ldq + k0 / 2;
+      __builtin_prefetch(p + AHEAD_BYTES);
+      words[r] = _mm512_loadu_si512(p);
+    }
+    for (int c = 0; c < 4; ++c) {
+      const int64_t kc = k0 + 32 * c;
+      __m512bh xv[NT];
+      for (int n = 0; n < NT; ++n) xv[n] = (__m512bh)_mm512_loadu_si512(x[n] + kc);
+      for (int r = 0; r < NR; ++r) {
+        const __m512i idx = c == 0 ? words[r] : _mm512_srli_epi16(words[r], 4 * c);
+        const __m512bh wv = (__m512bh)_mm512_permutexvar_epi16(idx, table);
+        for (int n = 0; n < NT; ++n) acc[c][r][n] = _mm512_dpbf16_ps(acc[c][r][n], wv, xv[n]);
+      }
+      if (kc + 32 == g_end) {  // a group ends: its sums scaled into the totals
+        for (int r = 0; r < NR; ++r) {
+          const __m512 sc = _mm512_set1_ps(s[r * G + g]);
+          for (int n = 0; n < NT; ++n) {
+            const __m512 sum = (acc[0][r][n] + acc[1][r][n]) + (acc[2][r][n] + acc[3][r][n]);
+            tot[r][n] = _mm512_fmadd_ps(sum, sc, tot[r][n]);
+            for (int j = 0; j < 4; ++j) acc[j][r][n] = _mm512_setzero_ps();
+          }
+        }
+        ++g, g_end += group;
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int n = 0; n < NT; ++n) res[r][n] = _mm512_reduce_add_ps(tot[r][n]);
+#else
+  f32v tot[NR][NT] = {}, acc[NR][NT] = {};
+  int64_t g = 0, g_end = group;
+  for (int64_t k0 = 0; k0 < K; k0 += Q4_BLOCK)
+    for (int c = 0; c < 4; ++c) {
+      const int64_t kc = k0 + 32 * c;
+      for (int h = 0; h < 2; ++h) {  // 16 of the 32 words
+        f32v xv[NT];
+        for (int n = 0; n < NT; ++n) xv[n] = load(x[n] + kc + L * h);
+        for (int r = 0; r < NR; ++r) {
+          u16v w;
+          std::memcpy(&w, q + r * ldq + k0 / 2 + 2 * L * h, sizeof w);
+          const f32v wv = __builtin_convertvector((w >> (4 * c)) & 15, f32v) - 8.f;
+          for (int n = 0; n < NT; ++n) acc[r][n] += wv * xv[n];
+        }
+      }
+      if (kc + 32 == g_end) {
+        for (int r = 0; r < NR; ++r)
+          for (int n = 0; n < NT; ++n) {
+            tot[r][n] += acc[r][n] * s[r * G + g];
+            acc[r][n] = f32v{};
+          }
+        ++g, g_end += group;
+      }
+    }
+  for (int r = 0; r < NR; ++r)
+    for (int n = 0; n < NT; ++n) res[r][n] = hsum(tot[r][n]);
+#endif
+  for (int r = 0; r < NR; ++r)
+    for (int n = 0; n < NT; ++n) {
+      float v = res[r][n];
+      if (zs != nullptr)
+        for (int64_t j = 0; j < G; ++j) v -= zs[r * G + j] * xsum[n * G + j];
+      out[n * ldo + r] = v;
+    }
+}
+
+template <int NR>
+inline void q4_rows_times_tokens(const uint8_t* q, const float* s, const float* zs, int64_t K,
+                                 int64_t G, int64_t group, const BF16* const* x, int64_t nt,
+                                 const float* xsum, float* out, int64_t ldo) {
+  int64_t n = 0;
+  for (; n + Q4_TOKS <= nt; n += Q4_TOKS)
+    q4_block_dot<NR, Q4_TOKS>(q, s, zs, K, G, group, x + n, xsum + n * G, out + n * ldo, ldo);
+  if (n < nt) q4_block_dot<NR, 1>(q, s, zs, K, G, group, x + n, xsum + n * G, out + n * ldo, ldo);
+}
+
+// Rows [r0, r1) of an int4 weight as bf16 [r1 - r0, K] (rows ldo apart), rounded to nearest
+// even.
+void q4_dequantize(const uint8_t* q, const float* s, const float* zs, int64_t K, int64_t G,
+                   int64_t group, int64_t r0, int64_t r1, BF16* out, int64_t ldo) {
+#if defined(__AVX512BF16__)
+  // Per group, its 16 values in bf16 as a table; each nibble position of a block's words is
+  // then one shift and one vpermw for 32 values (groups of whole blocks; smaller ones below).
+  if (group % Q4_BLOCK == 0) {
+  const __m512 u = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const float sc = s[r * G + g], z = zs == nullptr ? 0.f : zs[r * G + g];
+      const __m512 v = _mm512_fmsub_ps(u, _mm512_set1_ps(sc), _mm512_set1_ps(z));
+      const __m512i table = _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(v));
+      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += Q4_BLOCK) {
+        const uint8_t* p = q + r * (K / 2) + k0 / 2;
+        __builtin_prefetch(p + AHEAD_BYTES);
+        const __m512i words = _mm512_loadu_si512(p);
+        BF16* o = out + (r - r0) * ldo + k0;
+        _mm512_storeu_si512(o, _mm512_permutexvar_epi16(words, table));
+        _mm512_storeu_si512(o + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table));
+        _mm512_storeu_si512(o + 64, _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 8), table));
+        _mm512_storeu_si512(o + 96, _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 12), table));
+      }
+    }
+  return;
+  }
+#endif
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t k0 = 0; k0 < K; k0 += Q4_BLOCK)
+      for (int h = 0; h < 2; ++h) {
+        u16v w;
+        std::memcpy(&w, q + r * (K / 2) + k0 / 2 + 2 * L * h, sizeof w);
+        for (int c = 0; c < 4; ++c) {
+          const int64_t k = k0 + 32 * c + L * h, g = r * G + k / group;
+          const f32v u = __builtin_convertvector((w >> (4 * c)) & 15, f32v) - 8.f;
+          const f32v v = zs == nullptr ? u * s[g] : u * s[g] - zs[g];
+          store<BF16>(out + (r - r0) * ldo + k, rnd_v<BF16>(v));
+        }
+      }
+}
+
+struct Q4 {  // E weights: q uint8 [E, O, K / 2], s and zs fp32 [E, O, G]
+  const uint8_t* q;
+  const float* s;
+  const float* zs;  // nullptr: symmetric
+  int64_t O, K, G, group;
+  int64_t row_bytes() const { return K / 2 + G * 4; }
+  void dot(int64_t e, int64_t r0, int64_t r1, const Tokens<BF16>& x, float* out,
+           int64_t ldo) const {
+    const uint8_t* qe = q + e * O * (K / 2);
+    const float *se = s + e * O * G, *ze = zs == nullptr ? nullptr : zs + e * O * G;
+#if defined(QOMNI_AMX)
+    if (x.pairs != nullptr) {  // tokens enough for tiles: the rows dequantized, then as bf16
+      // Rows a line more than K apart: at 4 KB apart a tile's 16 rows share one L1 set.
+      const int64_t ldw = K + 32;
+      thread_local std::vector<BF16> rows;
+      rows.resize(static_cast<size_t>((r1 - r0) * ldw));
+      q4_dequantize(qe, se, ze, K, G, group, r0, r1, rows.data(), ldw);
+      rows_dot_any<BF16>(rows.data(), ldw, 0, r1 - r0, x, K, out, ldo);
+      return;
+    }
+#endif
+    std::vector<float> xsum;  // each token's sum per group, for the zero points
+    if (ze != nullptr) {
+      xsum.assign(static_cast<size_t>(x.n * G), 0.f);
+      for (int64_t n = 0; n < x.n; ++n)
+        for (int64_t k = 0; k < K; ++k) xsum[n * G + k / group] += to_float(x.rows[n][k]);
+    }
+    int64_t r = r0;
+    for (; r + Q4_ROWS <= r1; r += Q4_ROWS)
+      q4_rows_times_tokens<Q4_ROWS>(qe + r * (K / 2), se + r * G, ze ? ze + r * G : nullptr, K, G,
+                                 group, x.rows, x.n, xsum.data(), out + (r - r0), ldo);
+    for (; r < r1; ++r)
+      q4_rows_times_tokens<1>(qe + r * (K / 2), se + r * G, ze ? ze + r * G : nullptr, K, G,
+                              group, x.rows, x.n, xsum.data(), out + (r - r0), ldo);
+  }
+};
+
+// out [N, O] = x [N, K] times the weight's rows, in W.
+template <typename W, typename Weights>
+at::Tensor linear_impl(const at::Tensor& x, const Weights& w) {
+  const int64_t N = x.size(0), K = x.size(1), O = w.O;
+  const at::Tensor xc = x.contiguous();
+  std::vector<const W*> xp(N);
+  for (int64_t n = 0; n < N; ++n) xp[n] = rows_of<W>(xc) + n * K;
+  at::Tensor out = at::empty({N, O}, x.options());
+  W* op = reinterpret_cast<W*>(out.data_ptr());
+  const bool amx = use_amx<W>(K, N);
+  std::vector<uint32_t> pairs;
+  if (amx) pairs = pack_pairs<W>(xp.data(), N, K);
+  const Tokens<W> tokens{xp.data(), N, amx ? pairs.data() : nullptr};
+  const int64_t step = rows_per_task(O, w.row_bytes(), amx ? 2 * TILE : ROWS);
+  const int64_t tasks = (O + step - 1) / step;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(static_cast<size_t>(N * step));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * step, r1 = std::min(O, r0 + step), nr = r1 - r0;
+      w.dot(0, r0, r1, tokens, acc.data(), nr);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t r = 0; r < nr; ++r) op[n * O + r0 + r] = static_cast<W>(acc[n * nr + r]);
+    }
+  });
+  return out;
+}
+
+void check_pair(const at::Tensor& x, const at::Tensor& w, int64_t k_dim, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), what, ": CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), what, ": x is ", x.scalar_type(),
+              ", the weight ", w.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, what,
+              ": float32 or bfloat16 only, got ", x.scalar_type());
+  TORCH_CHECK(w.is_contiguous(), what, ": the weight must be contiguous");
+  TORCH_CHECK(x.size(-1) == w.size(k_dim), what, ": x has ", x.size(-1),
+              " features, the weight ", w.size(k_dim));
+}
+
+// x [N, K] @ w[O, K]^T -> [N, O], in x's dtype.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "linear: x [N, K] and w [O, K]");
+  check_pair(x, w, 1, "linear");
+  const int64_t O = w.size(0), K = w.size(1);
+  if (x.scalar_type() == at::kFloat)
+    return linear_impl<float>(x, Dense<float>{rows_of<float>(w), O, K});
+  return linear_impl<BF16>(x, Dense<BF16>{rows_of<BF16>(w), O, K});
+}
+
+// gate_up: E weights [2I, D] (gate rows, then up rows); down: E weights [D, I].
+template <typename W, typename Weights>
 at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
-                    const at::Tensor& gate_up, const at::Tensor& down) {
+                    const Weights& gate_up, const Weights& down, int64_t E) {
   const int64_t T = x.size(0), D = x.size(1), k = ids.size(1);
-  const int64_t E = gate_up.size(0), I = down.size(2), P = T * k;
+  const int64_t I = down.K, P = T * k;
   at::Tensor ids64 = ids.to(at::kLong).contiguous();
   at::Tensor wts = weights.to(at::kFloat).contiguous();  // exact: they are in x's dtype
   const int64_t* idp = ids64.data_ptr<int64_t>();
@@ -494,8 +704,6 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
   std::vector<const W*> xrow(P);  // pair (in expert order) -> its token's row
   for (int64_t i = 0; i < P; ++i) xrow[i] = rows_of<W>(x) + (order[i] / k) * D;
 
-  const W* gup = reinterpret_cast<const W*>(gate_up.data_ptr());
-  const W* dp = reinterpret_cast<const W*>(down.data_ptr());
 
   // Where AMX applies, each used expert's tokens in pair layout, packed once for all its rows.
   const int64_t nused = static_cast<int64_t>(used.size());
@@ -522,7 +730,7 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
   const bool amx_up = use_amx<W>(D, most), amx_down = use_amx<W>(I, most);
   const auto x_packs = tokens_of(xrow, D);
   std::vector<W> act(static_cast<size_t>(P * I));
-  const int64_t istep = rows_per_task(I * nused, D, gate_up.element_size(),
+  const int64_t istep = rows_per_task(I * nused, gate_up.row_bytes(),
                                       amx_up ? 2 * TILE : ROWS);
   const int64_t iblocks = (I + istep - 1) / istep;
   at::parallel_for(0, nused * iblocks, 1, [&](int64_t a, int64_t b) {
@@ -533,9 +741,8 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
       const Tokens<W> xs = tokens_for(xrow, x_packs, e);
       g.assign(n * nr, 0.f);
       u.assign(n * nr, 0.f);
-      const W* we = gup + e * 2 * I * D;
-      rows_dot_any<W>(we, D, i0, i1, xs, D, g.data(), nr);
-      rows_dot_any<W>(we, D, I + i0, I + i1, xs, D, u.data(), nr);
+      gate_up.dot(e, i0, i1, xs, g.data(), nr);
+      gate_up.dot(e, I + i0, I + i1, xs, u.data(), nr);
       for (int64_t j = 0; j < n; ++j) {
         const float *gj = g.data() + j * nr, *uj = u.data() + j * nr;
         W* aj = act.data() + (count[e] + j) * I + i0;
@@ -554,15 +761,14 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
   std::vector<const W*> arow(P);
   for (int64_t i = 0; i < P; ++i) arow[i] = act.data() + i * I;
   const auto act_packs = tokens_of(arow, I);
-  const int64_t dstep = rows_per_task(D * nused, I, down.element_size(),
+  const int64_t dstep = rows_per_task(D * nused, down.row_bytes(),
                                       amx_down ? 2 * TILE : ROWS);
   const int64_t dblocks = (D + dstep - 1) / dstep;
   at::parallel_for(0, nused * dblocks, 1, [&](int64_t a, int64_t b) {
     for (int64_t task = a; task < b; ++task) {
       const int64_t e = used[task / dblocks], d0 = (task % dblocks) * dstep;
       const int64_t d1 = std::min(D, d0 + dstep);
-      rows_dot_any<W>(dp + e * D * I, I, d0, d1, tokens_for(arow, act_packs, e), I,
-                  y.data() + count[e] * D + d0, D);
+      down.dot(e, d0, d1, tokens_for(arow, act_packs, e), y.data() + count[e] * D + d0, D);
     }
   });
 
@@ -610,8 +816,74 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wei
   check_pair(x, gate_up, 2, "moe");
   check_pair(x, down, 1, "moe");
   at::Tensor xc = x.contiguous();
-  if (x.scalar_type() == at::kFloat) return moe_impl<float>(xc, ids, weights, gate_up, down);
-  return moe_impl<c10::BFloat16>(xc, ids, weights, gate_up, down);
+  const int64_t E = gate_up.size(0), D = x.size(1), I = down.size(2);
+  if (x.scalar_type() == at::kFloat)
+    return moe_impl<float>(xc, ids, weights, Dense<float>{rows_of<float>(gate_up), 2 * I, D},
+                           Dense<float>{rows_of<float>(down), D, I}, E);
+  return moe_impl<BF16>(xc, ids, weights, Dense<BF16>{rows_of<BF16>(gate_up), 2 * I, D},
+                        Dense<BF16>{rows_of<BF16>(down), D, I}, E);
+}
+
+// -- int4 entry points ------------------------------------------------------------------------
+
+// An int4 weight's tensors as Q4, checked: q uint8 [..., O, K / 2], s and zs fp32 [..., O, G].
+Q4 q4_of(const at::Tensor& q, const at::Tensor& s, const std::optional<at::Tensor>& zs,
+         int64_t group, const char* what) {
+  TORCH_CHECK(q.device().is_cpu() && s.device().is_cpu(), what, ": CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), what,
+              ": q must be contiguous uint8 (two int4 values a byte), got ", q.scalar_type());
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == q.dim() &&
+                  s.size(-2) == q.size(-2),
+              what, ": scales must be contiguous float32 [..., O, G] beside q ", q.sizes());
+  const int64_t K = q.size(-1) * 2, G = s.size(-1);
+  TORCH_CHECK(K % Q4_BLOCK == 0, what, ": in_features ", K, " is not a multiple of ", Q4_BLOCK);
+  TORCH_CHECK(group > 0 && group % 32 == 0 && G * group == K, what, ": ", G,
+              " groups of ", group, " over ", K, " in_features (groups are multiples of 32)");
+  for (int64_t d = 0; d + 2 < q.dim(); ++d)
+    TORCH_CHECK(q.size(d) == s.size(d), what, ": q ", q.sizes(), " and scales ", s.sizes());
+  const float* zp = nullptr;
+  if (zs.has_value() && zs->defined()) {
+    TORCH_CHECK(zs->sizes() == s.sizes() && zs->scalar_type() == at::kFloat &&
+                    zs->is_contiguous(),
+                what, ": zero points (times scales) must be float32 like the scales");
+    zp = zs->data_ptr<float>();
+  }
+  return Q4{q.data_ptr<uint8_t>(), s.data_ptr<float>(), zp, q.size(-2), K, G, group};
+}
+
+void check_bf16_rows(const at::Tensor& x, int64_t K, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, what, ": x [N, K] on CPU");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, what, ": x must be bfloat16, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.size(1) == K, what, ": x has ", x.size(1), " features, the weight ", K);
+}
+
+// x bf16 [N, K] times an int4 weight [O, K] -> bf16 [N, O].
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s,
+                     const std::optional<at::Tensor>& zs, int64_t group) {
+  TORCH_CHECK(q.dim() == 2, "q4_linear: q [O, K / 2]");
+  const Q4 w = q4_of(q, s, zs, group, "q4_linear");
+  check_bf16_rows(x, w.K, "q4_linear");
+  return linear_impl<BF16>(x, w);
+}
+
+// moe() with int4 experts: gate_up q [E, 2I, D / 2], scales [E, 2I, D / group]; down q
+// [E, D, I / 2], scales [E, D, I / down_group]; x bf16 [T, D] -> bf16 [T, D].
+at::Tensor q4_moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                  const at::Tensor& gate_up_q, const at::Tensor& gate_up_s,
+                  const std::optional<at::Tensor>& gate_up_zs, int64_t group,
+                  const at::Tensor& down_q, const at::Tensor& down_s,
+                  const std::optional<at::Tensor>& down_zs, int64_t down_group) {
+  TORCH_CHECK(ids.dim() == 2 && weights.sizes() == ids.sizes() && ids.size(0) == x.size(0),
+              "q4_moe: x [T, D], ids and weights [T, k]");
+  TORCH_CHECK(gate_up_q.dim() == 3 && down_q.dim() == 3 && gate_up_q.size(0) == down_q.size(0),
+              "q4_moe: gate_up [E, 2I, D / 2] and down [E, D, I / 2]");
+  const Q4 gu = q4_of(gate_up_q, gate_up_s, gate_up_zs, group, "q4_moe gate_up");
+  const Q4 dn = q4_of(down_q, down_s, down_zs, down_group, "q4_moe down");
+  TORCH_CHECK(gu.O == 2 * dn.K && dn.O == gu.K, "q4_moe: gate_up [E, ", gu.O, ", ", gu.K,
+              "] and down [E, ", dn.O, ", ", dn.K, "] do not fit");
+  check_bf16_rows(x, gu.K, "q4_moe");
+  return moe_impl<BF16>(x.contiguous(), ids, weights, gu, dn, gate_up_q.size(0));
 }
 
 // -- greedy sampling: the index of each row's largest value ----------------------------------------
@@ -706,10 +978,16 @@ TORCH_LIBRARY(qomni_cpu, m) {
   m.def("linear(Tensor x, Tensor w) -> Tensor");
   m.def("moe(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down) -> Tensor");
   m.def("first_max(Tensor x) -> Tensor");
+  m.def("q4_linear(Tensor x, Tensor q, Tensor s, Tensor? zs, int group) -> Tensor");
+  m.def("q4_moe(Tensor x, Tensor ids, Tensor weights, Tensor gate_up_q, Tensor gate_up_s, "
+        "Tensor? gate_up_zs, int group, Tensor down_q, Tensor down_s, Tensor? down_zs, "
+        "int down_group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qomni_cpu, CPU, m) {
   m.impl("linear", &linear);
   m.impl("moe", &moe);
   m.impl("first_max", &first_max);
+  m.impl("q4_linear", &q4_linear);
+  m.impl("q4_moe", &q4_moe);
 }

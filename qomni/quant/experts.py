@@ -7,7 +7,10 @@ tensors (`N.gate_proj.weight`, or compressed-tensors' `N.gate_proj.weight_packed
 through `load_part`; expert N's gate and up rows are joined into one [2I, D] weight once both
 are here, and every weight is packed for its kernel on arrival. The forward pass groups the
 (token, expert) pairs by expert and runs only the experts that were chosen: at batch 1 a layer
-reads k of its E experts' packed weights.
+reads k of its E experts' packed weights. Where qomni's int4 kernel takes the experts (CPU,
+int4, K a multiple of 128), their weights are packed into one stacked tensor per projection
+(`Q4Stack`) as they arrive, and a forward pass is one `qomni_cpu.q4_moe` call: all routed
+experts' matmuls, the SwiGLU and the weighted sum over the top k, with no op per expert.
 """
 
 from __future__ import annotations
@@ -18,7 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qomni.quant.kernels import IntWeight, Matmul, nbytes
+from qomni import cpu_ops
+from qomni.quant.kernels import (
+    ACT_DTYPE,
+    IntWeight,
+    Matmul,
+    Q4Matmul,
+    nbytes,
+    pack_q4,
+    q4_eligible,
+)
 from qomni.quant.linear import Source, _Parts, build_matmul
 
 _PART = re.compile(r"^(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<part>\w+)$")
@@ -42,6 +54,31 @@ def _join_rows(a, b):
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
+class Q4Stack:
+    """E int4 weights [O, K] in qomni's layout, stacked: q uint8 [E, O, K/2], scales and
+    zero * scale fp32 [E, O, G], allocated when the first expert arrives (all experts of a
+    projection share one scheme)."""
+
+    def __init__(self, num_experts: int, first: IntWeight):
+        (o, k), g = first.shape, first.shape[1] // first.group_size
+        self.group = first.group_size
+        self.q = torch.empty(num_experts, o, k // 2, dtype=torch.uint8)
+        self.scale = torch.empty(num_experts, o, g)
+        self.zs = None if first.zero is None else torch.empty(num_experts, o, g)
+
+    def put(self, e: int, weight: IntWeight, name: str) -> Q4Matmul:
+        """Expert e's weight packed into its slot; a matmul on the slot's views."""
+        q, scale, zs = pack_q4(weight)
+        if (q.shape != self.q.shape[1:] or weight.group_size != self.group
+                or (zs is None) != (self.zs is None)):
+            raise ValueError(f"expert {e}'s {name} is quantized unlike expert 0's (shape, group "
+                             f"size or zero points differ)")
+        self.q[e], self.scale[e] = q, scale
+        if zs is not None:
+            self.zs[e] = zs
+        return Q4Matmul(self.q[e], self.scale[e], None if zs is None else self.zs[e], self.group)
+
+
 class QuantExperts(nn.Module):
     """`sources` says how each projection of every expert is stored: {"gate_proj": Source, ...};
     gate_proj and up_proj alike."""
@@ -60,6 +97,8 @@ class QuantExperts(nn.Module):
         self._parts: dict[tuple[int, str], _Parts] = {}
         self._decoded: dict[tuple[int, str], object] = {}  # gate or up waiting for the other
         self._done: set[tuple[int, str]] = set()
+        # qomni's int4 kernel: stacked weights, decided by the first expert's projection
+        self._stacks: dict[str, Q4Stack | None] = {}
 
     @classmethod
     def replacing(cls, experts: nn.Module, sources: dict[str, Source], dtype: torch.dtype,
@@ -86,7 +125,7 @@ class QuantExperts(nn.Module):
             self.intermediate, self.hidden)
         decoded = self.sources[proj].decode(parts.got, shape)
         if proj == "down_proj":
-            self.down[e] = build_matmul(decoded, self.dtype, self.device)
+            self.down[e] = self._build(e, "down_proj", decoded)
             return
         other = (e, "up_proj" if proj == "gate_proj" else "gate_proj")
         if other not in self._decoded:
@@ -95,7 +134,22 @@ class QuantExperts(nn.Module):
         halves = (decoded, self._decoded.pop(other))
         if proj == "up_proj":
             halves = halves[::-1]
-        self.gate_up[e] = build_matmul(_join_rows(*halves), self.dtype, self.device)
+        self.gate_up[e] = self._build(e, "gate_up", _join_rows(*halves))
+
+    def _build(self, e: int, proj: str, decoded) -> Matmul:
+        if proj not in self._stacks:
+            eligible = isinstance(decoded, IntWeight) and q4_eligible(decoded, self.device)
+            self._stacks[proj] = Q4Stack(self.num_experts, decoded) if eligible else None
+        stack = self._stacks[proj]
+        if stack is None:
+            return build_matmul(decoded, self.dtype, self.device)
+        if not isinstance(decoded, IntWeight):
+            raise TypeError(f"expert {e}'s {proj} is {type(decoded).__name__}, expert 0's int4")
+        return stack.put(e, decoded, proj)
+
+    def _fused(self) -> tuple[Q4Stack, Q4Stack] | None:
+        gu, down = self._stacks.get("gate_up"), self._stacks.get("down_proj")
+        return (gu, down) if gu is not None and down is not None else None
 
     def missing_parts(self) -> list[str]:
         out = []
@@ -123,6 +177,12 @@ class QuantExperts(nn.Module):
                 weights: torch.Tensor) -> torch.Tensor:
         """x [T, D]; experts, weights [T, k] -> [T, D]."""
         t, k = experts.shape
+        if (stacks := self._fused()) is not None:
+            gu, down = stacks
+            y = cpu_ops.ops().q4_moe(x.to(ACT_DTYPE), experts, weights, gu.q,
+                                     gu.scale, gu.zs, gu.group, down.q, down.scale, down.zs,
+                                     down.group)
+            return y.to(x.dtype)
         if t == 1:
             return self._one_token(x, experts[0].tolist(), weights[0])
         flat = experts.reshape(-1)
