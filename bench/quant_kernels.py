@@ -10,7 +10,8 @@ interleaved in one process, one pass of every method per round, and the best rou
 
 Methods: fp32 and bf16 dense (torch's matmul and oneDNN on a pre-packed weight), int8 per
 channel (torch._weight_int8pack_mm), int4 in groups of 32/64/128
-(torch._weight_int4pack_mm_for_cpu), all with bf16 activations, and torchao's weight-only tensors
+(torch._weight_int4pack_mm_for_cpu, and qomni's own `qomni_cpu.q4_linear` where it builds), all
+with bf16 activations, and torchao's weight-only tensors
 when torchao is importable. `--slow` adds the int kernels with fp32/fp16 activations and FP8
 weights widened per call (both far slower). Results: docs/quantization.md.
 """
@@ -37,7 +38,8 @@ SHAPES = {
 
 def _methods(k: int, n: int, count: int, slow: bool) -> dict[str, list[Callable]]:
     """name -> one callable per weight matrix (x [rows, k] fp32 -> [rows, n])."""
-    from qomni.quant.kernels import pack_int4, pack_int8, quantize_weight
+    from qomni import cpu_ops
+    from qomni.quant.kernels import Q4Matmul, pack_int4, pack_int8, quantize_weight
 
     dense = [torch.randn(n, k) * 0.02 for _ in range(count)]
     out: dict[str, list[Callable]] = {}
@@ -67,6 +69,9 @@ def _methods(k: int, n: int, count: int, slow: bool) -> dict[str, list[Callable]
             out[f"int4 g{gs} x {tag}"] = [
                 lambda x, p=p, gs=gs, dt=dt: torch._weight_int4pack_mm_for_cpu(
                     x.to(dt), p[0], gs, p[1]) for p in i4b]
+        if cpu_ops.ops() is not None and k % 128 == 0:
+            out[f"int4 g{gs} qomni x bf16"] = [Q4Matmul.of(quantize_weight(w, 4, gs))
+                                               for w in dense]
     if slow:  # FP8 widened per call: ~100x slower than a bf16 weight
         f8 = [(w / (w.abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn) for w in dense]
         scales = [w.abs().amax(1) / 448 for w in dense]

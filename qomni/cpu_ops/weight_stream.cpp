@@ -446,64 +446,86 @@ struct Dense {  // E weights [E, O, K] of W
 // (exact: -8..7) and one vdpbf16ps multiplies by the token. Products are summed per group in
 // fp32 and scaled once per group.
 constexpr int64_t Q4_BLOCK = 128;  // values in 64 bytes
-constexpr int Q4_ROWS = 1;  // rows per inner block
+constexpr int Q4_ROWS = 2;  // rows per inner block
 constexpr int Q4_TOKS = 2;  // tokens per inner block (registers: 2 rows x 2 tokens x 5 sums)
 using BF16 = c10::BFloat16;
+
+#if defined(__AVX512BF16__)
+alignas(64) constexpr uint16_t Q4_TABLE[32] = {  // bf16 of (i % 16) - 8: index bit 4 ignored
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
+
+// res[r][n] = sum over groups of s[r][g] * (products of group g). FLUSHES: groups ending per
+// 128-value block (1: groups of whole blocks, 2: of 64, 4: of 32), fixed at compile time so
+// that every sum stays in a register (a group test after each nibble position made GCC keep
+// them on the stack: 3.5x slower).
+template <int NR, int NT, int FLUSHES>
+inline void q4_dot_avx512(const uint8_t* q, const float* s, int64_t K, int64_t G,
+                          int64_t group, const BF16* const* x, float (&res)[NR][NT]) {
+  const int64_t ldq = K / 2, blocks = FLUSHES == 1 ? group / Q4_BLOCK : 1;
+  const __m512i table = _mm512_load_si512(Q4_TABLE);
+  // acc[c]: a sum per nibble position, so that the products of a row are 4 chains, not 1
+  __m512 tot[NR][NT], acc[4][NR][NT];
+  for (int r = 0; r < NR; ++r)
+    for (int n = 0; n < NT; ++n) tot[r][n] = _mm512_setzero_ps();
+  auto zero = [&] {
+    for (int c = 0; c < 4; ++c)
+      for (int r = 0; r < NR; ++r)
+        for (int n = 0; n < NT; ++n) acc[c][r][n] = _mm512_setzero_ps();
+  };
+  auto flush = [&](int64_t g) {  // a group ends: its sums scaled into the totals
+    for (int r = 0; r < NR; ++r) {
+      const __m512 sc = _mm512_set1_ps(s[r * G + g]);
+      for (int n = 0; n < NT; ++n) {
+        const __m512 sum = (acc[0][r][n] + acc[1][r][n]) + (acc[2][r][n] + acc[3][r][n]);
+        tot[r][n] = _mm512_fmadd_ps(sum, sc, tot[r][n]);
+      }
+    }
+    zero();
+  };
+  zero();
+  int64_t g = 0;
+  for (int64_t k0 = 0; k0 < K;) {
+    for (int64_t b = 0; b < blocks; ++b, k0 += Q4_BLOCK) {
+      __m512i words[NR];
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* p = q + r * ldq + k0 / 2;
+        __builtin_prefetch(p + AHEAD_BYTES);
+        words[r] = _mm512_loadu_si512(p);
+      }
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        __m512bh xv[NT];
+        for (int n = 0; n < NT; ++n) xv[n] = (__m512bh)_mm512_loadu_si512(x[n] + k0 + 32 * c);
+        for (int r = 0; r < NR; ++r) {
+          const __m512i idx = c == 0 ? words[r] : _mm512_srli_epi16(words[r], 4 * c);
+          const __m512bh wv = (__m512bh)_mm512_permutexvar_epi16(idx, table);
+          for (int n = 0; n < NT; ++n) acc[c][r][n] = _mm512_dpbf16_ps(acc[c][r][n], wv, xv[n]);
+        }
+        if (FLUSHES == 4 || (FLUSHES == 2 && c % 2 == 1)) flush(g++);
+      }
+    }
+    if (FLUSHES == 1) flush(g++);
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int n = 0; n < NT; ++n) res[r][n] = _mm512_reduce_add_ps(tot[r][n]);
+}
+#endif
 
 // out[n * ldo + r] = dot(row r, x[n]) for r < NR, n < NT; q, s, zs at row 0 of the block.
 template <int NR, int NT>
 inline void q4_block_dot(const uint8_t* q, const float* s, const float* zs, int64_t K, int64_t G,
                          int64_t group, const BF16* const* x, const float* xsum, float* out,
                          int64_t ldo) {
-  const int64_t ldq = K / 2;
   float res[NR][NT];
 #if defined(__AVX512BF16__)
-  alignas(64) static constexpr uint16_t TABLE[32] = {  // bf16 of (i % 16) - 8: index bit 4 ignored
-      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
-      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
-      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
-      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
-  const __m512i table = _mm512_load_si512(TABLE);
-  // acc[c]: a sum per nibble position, so that the products of a row are 4 chains, not 1
-  __m512 tot[NR][NT], acc[4][NR][NT];
-  for (int r = 0; r < NR; ++r)
-    for (int n = 0; n < NT; ++n) {
-      tot[r][n] = _mm512_setzero_ps();
-      for (int c = 0; c < 4; ++c) acc[c][r][n] = _mm512_setzero_ps();
-    }
-  int64_t g = 0, g_end = group;
-  for (int64_t k0 = 0; k0 < K; k0 += Q4_BLOCK) {
-    __m512i words[NR];
-    for (int r = 0; r < NR; ++r) {
-      const uint8_t* p = q + r * ldq + k0 / 2;
-      __builtin_prefetch(p + AHEAD_BYTES);
-      words[r] = _mm512_loadu_si512(p);
-    }
-    for (int c = 0; c < 4; ++c) {
-      const int64_t kc = k0 + 32 * c;
-      __m512bh xv[NT];
-      for (int n = 0; n < NT; ++n) xv[n] = (__m512bh)_mm512_loadu_si512(x[n] + kc);
-      for (int r = 0; r < NR; ++r) {
-        const __m512i idx = c == 0 ? words[r] : _mm512_srli_epi16(words[r], 4 * c);
-        const __m512bh wv = (__m512bh)_mm512_permutexvar_epi16(idx, table);
-        for (int n = 0; n < NT; ++n) acc[c][r][n] = _mm512_dpbf16_ps(acc[c][r][n], wv, xv[n]);
-      }
-      if (kc + 32 == g_end) {  // a group ends: its sums scaled into the totals
-        for (int r = 0; r < NR; ++r) {
-          const __m512 sc = _mm512_set1_ps(s[r * G + g]);
-          for (int n = 0; n < NT; ++n) {
-            const __m512 sum = (acc[0][r][n] + acc[1][r][n]) + (acc[2][r][n] + acc[3][r][n]);
-            tot[r][n] = _mm512_fmadd_ps(sum, sc, tot[r][n]);
-            for (int j = 0; j < 4; ++j) acc[j][r][n] = _mm512_setzero_ps();
-          }
-        }
-        ++g, g_end += group;
-      }
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int n = 0; n < NT; ++n) res[r][n] = _mm512_reduce_add_ps(tot[r][n]);
+  if (group % Q4_BLOCK == 0) q4_dot_avx512<NR, NT, 1>(q, s, K, G, group, x, res);
+  else if (group == 64) q4_dot_avx512<NR, NT, 2>(q, s, K, G, group, x, res);
+  else q4_dot_avx512<NR, NT, 4>(q, s, K, G, group, x, res);
 #else
+  const int64_t ldq = K / 2;
   f32v tot[NR][NT] = {}, acc[NR][NT] = {};
   int64_t g = 0, g_end = group;
   for (int64_t k0 = 0; k0 < K; k0 += Q4_BLOCK)
