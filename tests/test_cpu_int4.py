@@ -1,5 +1,5 @@
-"""qomni's int4 CPU kernels (qomni_cpu.q4_linear, q4_moe) against the dequantized weights, the
-stacked experts in QuantExperts, and the kernels' errors."""
+"""qomni's int4 and int8 CPU kernels (qomni_cpu.q4_linear, q4_moe, q8_linear) against the
+dequantized weights, the stacked experts in QuantExperts, and the kernels' errors."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from qomni import cpu_ops
 from qomni.quant.experts import QuantExperts
-from qomni.quant.kernels import IntWeight, Q4Matmul, pack_q4, quantize_weight
+from qomni.quant.kernels import IntWeight, Q4Matmul, Q8Matmul, pack_q4, quantize_weight
 from qomni.quant.linear import QuantizeOnLoad
 
 ops = cpu_ops.ops()
@@ -51,6 +51,7 @@ def test_q4_layout_holds_every_value():
     assert torch.equal(Q4Matmul.of(w)(eye[:3]).float(), q.float().T[:3])
     packed, scale, zs = pack_q4(w)
     assert packed.shape == (8, 64) and packed.dtype == torch.uint8 and zs is None
+    assert scale.dtype == torch.float32 and scale.shape == (8, 1)
 
 
 def _moe_reference(x, ids, weights, gate_up, down):
@@ -169,3 +170,30 @@ def test_q4_moe_expert_ids_are_checked():
     with pytest.raises(RuntimeError, match="expert id 2 outside \\[0, 2\\)"):
         ops.q4_moe(x, torch.tensor([[0], [2]]), torch.ones(2, 1), gq, gs, None, 128, dq, ds,
                    None, 128)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 20])  # dot products (1-3), AMX tiles from 4
+@pytest.mark.parametrize("k", [45, 256])  # a tail of K, whole vectors
+def test_q8_linear_is_the_dequantized_product(n, k):
+    torch.manual_seed(n + k)
+    w = quantize_weight(torch.randn(37, k), 8, None)
+    x = torch.randn(n, k).bfloat16()
+    got = Q8Matmul(w)(x)
+    want = x.float() @ w.dequantize().T
+    assert got.dtype == torch.bfloat16 and got.shape == (n, 37)
+    assert _rel(got, want) < 4e-3
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: ops.q8_linear(torch.randn(2, 8), torch.zeros(3, 8, dtype=torch.int8), torch.ones(3)),
+     "x must be bfloat16"),
+    (lambda: ops.q8_linear(torch.randn(2, 8).bfloat16(), torch.zeros(3, 8), torch.ones(3)),
+     "q must be contiguous int8"),
+    (lambda: ops.q8_linear(torch.randn(2, 8).bfloat16(), torch.zeros(3, 8, dtype=torch.int8),
+                           torch.ones(4)), "scales must be contiguous float32 \\[O\\]"),
+    (lambda: ops.q8_linear(torch.randn(2, 9).bfloat16(), torch.zeros(3, 8, dtype=torch.int8),
+                           torch.ones(3)), "x has 9 features, the weight 8"),
+])
+def test_q8_bad_inputs_are_clear_errors(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()

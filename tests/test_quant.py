@@ -6,15 +6,18 @@ import pytest
 import torch
 from quant_fixtures import CONVERSATION, SMALL, quant_tiny, rel_l2
 
-from qomni import Omni
+from qomni import Omni, cpu_ops
 from qomni.cli import main
 from qomni.models.moe import Experts
 from qomni.models.packed_linear import PackedLinear
 from qomni.quant import kernels
 from qomni.quant.experts import QuantExperts
-from qomni.quant.kernels import Fp8Matmul, Int4Matmul, Int8Matmul, quantize_weight
+from qomni.quant.kernels import Fp8Matmul, Int4Matmul, Int8Matmul, Q8Matmul, quantize_weight
 from qomni.quant.linear import QuantEmbedding, QuantLinear
 from qomni.quant.plan import parse_quantization
+
+# per-channel int8: qomni's kernel where it builds, torch's otherwise
+INT8 = Q8Matmul if cpu_ops.ops() is not None else Int8Matmul
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +70,9 @@ def test_components_and_overrides(small):
     assert isinstance(talker_moe.gate, PackedLinear)
     assert isinstance(talker_moe.shared_expert_gate, PackedLinear)
     cp_layer = m.talker.code_predictor.model.layers[0]
-    assert isinstance(cp_layer.mlp.gate_proj.matmul, Int8Matmul)
-    assert isinstance(cp_layer.self_attn.o_proj.matmul, Int8Matmul)
-    assert isinstance(m.thinker.lm_head.matmul, Int8Matmul)
+    assert isinstance(cp_layer.mlp.gate_proj.matmul, INT8)
+    assert isinstance(cp_layer.self_attn.o_proj.matmul, INT8)
+    assert isinstance(m.thinker.lm_head.matmul, INT8)
     assert isinstance(m.talker.codec_head, QuantLinear)
     assert all(isinstance(h, QuantLinear) for h in m.talker.code_predictor.lm_head)
     assert isinstance(m.thinker.model.embed_tokens, QuantEmbedding)
@@ -91,8 +94,8 @@ def test_encoders_and_vocoder_quantize_their_linears_only(small):
 
     omni = _load(small, "audio_tower=int8,visual=int8,code2wav=int8")
     m = omni.model
-    assert isinstance(m.thinker.audio_tower.layers[0].fc1.matmul, Int8Matmul)
-    assert isinstance(m.thinker.visual.blocks[0].attn.qkv.matmul, Int8Matmul)
+    assert isinstance(m.thinker.audio_tower.layers[0].fc1.matmul, INT8)
+    assert isinstance(m.thinker.visual.blocks[0].attn.qkv.matmul, INT8)
     assert isinstance(m.code2wav.pre_transformer.layers[0].self_attn.q_proj, QuantLinear)
     assert type(m.thinker.visual.pos_embed) is torch.nn.Embedding
     assert type(m.code2wav.code_embedding) is torch.nn.Embedding

@@ -31,7 +31,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#if defined(__AVX512BF16__) || (defined(__AMX_TILE__) && defined(__AMX_BF16__))
+#if defined(__AVX512F__) || (defined(__AMX_TILE__) && defined(__AMX_BF16__))
 #include <immintrin.h>
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
@@ -59,6 +59,7 @@ constexpr int64_t AHEAD_BYTES = 16 * 1024;
 using f32v = float __attribute__((vector_size(4 * L)));
 using u16v = uint16_t __attribute__((vector_size(2 * L)));
 using u32v = uint32_t __attribute__((vector_size(4 * L)));
+using i32v = int32_t __attribute__((vector_size(4 * L)));
 
 inline f32v load(const float* p) {
   f32v v;
@@ -651,6 +652,82 @@ struct Q4 {  // E weights: q uint8 [E, O, K / 2], s and zs fp32 [E, O, G]
   }
 };
 
+// int8 weights with one scale per row (weight-only int8): w[r][k] = q[r][k] * s[r]. Each 16
+// values are widened to fp32 and multiplied there (vpmovsxbd, vcvtdq2ps, an FMA per token):
+// exact products, the scale applied once per row.
+using i8v = int8_t __attribute__((vector_size(L)));
+
+inline f32v load_i8(const int8_t* p) {  // GCC's vector conversion of int8 goes value by value
+#if defined(__AVX512F__)
+  return (f32v)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#else
+  i8v w;
+  std::memcpy(&w, p, sizeof w);
+  return __builtin_convertvector(__builtin_convertvector(w, i32v), f32v);
+#endif
+}
+
+template <int NR, int NT>
+inline void q8_block_dot(const int8_t* q, int64_t K, const float* s, const BF16* const* x,
+                         float* out, int64_t ldo) {
+  f32v acc[NR][NT] = {};
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    f32v xv[NT];
+    for (int n = 0; n < NT; ++n) xv[n] = load(x[n] + k);
+    for (int r = 0; r < NR; ++r) {
+      __builtin_prefetch(q + r * K + k + AHEAD_BYTES);
+      const f32v wv = load_i8(q + r * K + k);
+      for (int n = 0; n < NT; ++n) acc[r][n] += wv * xv[n];
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int n = 0; n < NT; ++n) {
+      float v = hsum(acc[r][n]);
+      for (int64_t j = k; j < K; ++j) v += static_cast<float>(q[r * K + j]) * to_float(x[n][j]);
+      out[n * ldo + r] = v * s[r];
+    }
+}
+
+struct Q8 {  // q int8 [O, K], s fp32 [O]
+  const int8_t* q;
+  const float* s;
+  int64_t O, K;
+  int64_t row_bytes() const { return K + 4; }
+  void dot(int64_t, int64_t r0, int64_t r1, const Tokens<BF16>& x, float* out,
+           int64_t ldo) const {
+#if defined(QOMNI_AMX)
+    if (x.pairs != nullptr) {  // tokens enough for tiles: the rows dequantized, then as bf16
+      const int64_t ldw = K + 32;  // as in Q4::dot
+      thread_local std::vector<BF16> rows;
+      rows.resize(static_cast<size_t>((r1 - r0) * ldw));
+      for (int64_t r = r0; r < r1; ++r) {
+        BF16* o = rows.data() + (r - r0) * ldw;
+        int64_t k = 0;
+        for (; k + L <= K; k += L) store<BF16>(o + k, rnd_v<BF16>(load_i8(q + r * K + k) * s[r]));
+        for (; k < K; ++k) o[k] = static_cast<BF16>(static_cast<float>(q[r * K + k]) * s[r]);
+      }
+      rows_dot_any<BF16>(rows.data(), ldw, 0, r1 - r0, x, K, out, ldo);
+      return;
+    }
+#endif
+    for (int64_t r = r0; r < r1;) {
+      const int nr = r + ROWS <= r1 ? ROWS : 1;
+      for (int64_t n = 0; n < x.n;) {
+        const int nt = n + 2 <= x.n ? 2 : 1;
+        float* o = out + n * ldo + (r - r0);
+        const int8_t* qr = q + r * K;
+        if (nr == ROWS && nt == 2) q8_block_dot<ROWS, 2>(qr, K, s + r, x.rows + n, o, ldo);
+        else if (nr == ROWS) q8_block_dot<ROWS, 1>(qr, K, s + r, x.rows + n, o, ldo);
+        else if (nt == 2) q8_block_dot<1, 2>(qr, K, s + r, x.rows + n, o, ldo);
+        else q8_block_dot<1, 1>(qr, K, s + r, x.rows + n, o, ldo);
+        n += nt;
+      }
+      r += nr;
+    }
+  }
+};
+
 // out [N, O] = x [N, K] times the weight's rows, in W.
 template <typename W, typename Weights>
 at::Tensor linear_impl(const at::Tensor& x, const Weights& w) {
@@ -889,6 +966,20 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return linear_impl<BF16>(x, w);
 }
 
+// x bf16 [N, K] times an int8 weight [O, K] with one scale per row -> bf16 [N, O].
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
+  TORCH_CHECK(q.dim() == 2 && q.device().is_cpu() && q.scalar_type() == at::kChar &&
+                  q.is_contiguous(),
+              "q8_linear: q must be contiguous int8 [O, K] on CPU, got ", q.scalar_type(), " ",
+              q.sizes());
+  TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.is_contiguous() &&
+                  s.dim() == 1 && s.size(0) == q.size(0),
+              "q8_linear: scales must be contiguous float32 [O] for q ", q.sizes());
+  check_bf16_rows(x, q.size(1), "q8_linear");
+  return linear_impl<BF16>(x, Q8{q.data_ptr<int8_t>(), s.data_ptr<float>(), q.size(0),
+                                 q.size(1)});
+}
+
 // moe() with int4 experts: gate_up q [E, 2I, D / 2], scales [E, 2I, D / group]; down q
 // [E, D, I / 2], scales [E, D, I / down_group]; x bf16 [T, D] -> bf16 [T, D].
 at::Tensor q4_moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
@@ -911,8 +1002,6 @@ at::Tensor q4_moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& 
 // -- greedy sampling: the index of each row's largest value ----------------------------------------
 // torch's max over a row of logits reads bf16 a value at a time, so greedy sampling converted
 // the logits to fp32 first: at 8 x 152064 a copy and a max of ~1.5 ms each.
-
-using i32v = int32_t __attribute__((vector_size(4 * L)));
 
 struct Best {
   float v;
@@ -1001,6 +1090,7 @@ TORCH_LIBRARY(qomni_cpu, m) {
   m.def("moe(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down) -> Tensor");
   m.def("first_max(Tensor x) -> Tensor");
   m.def("q4_linear(Tensor x, Tensor q, Tensor s, Tensor? zs, int group) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor q, Tensor s) -> Tensor");
   m.def("q4_moe(Tensor x, Tensor ids, Tensor weights, Tensor gate_up_q, Tensor gate_up_s, "
         "Tensor? gate_up_zs, int group, Tensor down_q, Tensor down_s, Tensor? down_zs, "
         "int down_group) -> Tensor");
@@ -1011,5 +1101,6 @@ TORCH_LIBRARY_IMPL(qomni_cpu, CPU, m) {
   m.impl("moe", &moe);
   m.impl("first_max", &first_max);
   m.impl("q4_linear", &q4_linear);
+  m.impl("q8_linear", &q8_linear);
   m.impl("q4_moe", &q4_moe);
 }

@@ -13,8 +13,10 @@ compressed-tensors convention). `int_matmul` packs it once into a kernel's layou
   torch._weight_int4pack_mm (CUDA tinygemm): they compute w = (u - 8) * s + z on unsigned
   nibbles u = q + 8, so z = -zero * s is exact; groups of 32..256 over K and O a multiple of
   16: per-channel scales are repeated over kernel groups (exact), O is padded with zero rows.
-- int8 per channel -> torch._weight_int8pack_mm on CPU (the asymmetric correction is one
-  rank-1 term); in groups: one kernel call per group, summed (slower, exact).
+- int8 per channel, symmetric, on CPU -> qomni's `qomni_cpu.q8_linear` where it is built (fp32
+  scales; 1.5x torch's kernel at 1-2 rows on the 152064 x 2048 lm_head, equal at 8); otherwise
+  torch._weight_int8pack_mm (the asymmetric correction is one rank-1 term); in groups: one
+  kernel call per group, summed (slower, exact).
 - FP8 e4m3 weights (`Fp8Matmul`): widened once to bf16 (exact), scales on the outputs.
 
 Every quantized matmul computes in bf16 (ACT_DTYPE); callers cast its output back. Speeds are in
@@ -185,6 +187,26 @@ class Int4Matmul:
         return y[:, :self.out_features]
 
 
+class Q8Matmul:
+    """x [N, K] -> bf16 [N, O] on a symmetric per-channel int8 weight (qomni_cpu.q8_linear)."""
+
+    def __init__(self, weight: IntWeight):
+        self.out_features, self.in_features = weight.shape
+        self.q = weight.q.contiguous()
+        self.scale = weight.scale[:, 0].float().contiguous()
+
+    @staticmethod
+    def takes(weight: IntWeight, device: torch.device) -> bool:
+        return (device.type == "cpu" and weight.group_size == weight.shape[1]
+                and weight.zero is None and cpu_ops.ops() is not None)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.q, self.scale]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_ops.ops().q8_linear(x.to(ACT_DTYPE), self.q, self.scale)
+
+
 class Int8Matmul:
     """x [N, K] -> [N, O] (bf16; fp32 in groups) on an int8 weight: per channel in one kernel call, in groups as
     one call per group; asymmetric zero points as a correction term."""
@@ -264,7 +286,7 @@ class DenseMatmul:
         return F.linear(x.to(self.weight.dtype), self.weight)
 
 
-Matmul = Q4Matmul | Int4Matmul | Int8Matmul | Fp8Matmul | DenseMatmul
+Matmul = Q4Matmul | Int4Matmul | Q8Matmul | Int8Matmul | Fp8Matmul | DenseMatmul
 
 
 def int_matmul(weight: IntWeight, device: torch.device | str) -> Matmul:
@@ -276,7 +298,7 @@ def int_matmul(weight: IntWeight, device: torch.device | str) -> Matmul:
     if weight.bits == 4 and int4_kernel_group(weight.group_size) is not None:
         return Int4Matmul(weight, device)
     if weight.bits in (4, 8):
-        return Int8Matmul(weight, device)
+        return Q8Matmul(weight) if Q8Matmul.takes(weight, device) else Int8Matmul(weight, device)
     raise ValueError(f"{weight.bits}-bit weights: qomni runs 4- and 8-bit integer weights")
 
 
