@@ -54,8 +54,14 @@ constexpr int TOKS = 4;    // tokens per inner block
 // How far ahead of its reads a weight stream asks for its weight: the hardware prefetcher alone
 // leaves the read rate falling as the products per byte grow (the medium lm_head 152064 x 512,
 // fp32, 2-core Xeon, 1 / 2 / 8 rows: 17.4 / 19.5 / 25.9 ms -> 15.2 / 15.7 / 22.0; bf16 1 row
-// 10.8 -> 8.6; rows of 2048 as before).
+// 10.8 -> 8.6; rows of 2048 as before). Into L2, not L1 (prefetcht1): a 16 KB lead in L1 evicts
+// what is being read (2-core Zen 4, one token, 2 threads, GB/s: int4 4096 x 2048 15-16 -> 26-27,
+// the int4 MoE of 8 routed experts 16-19 -> 26-28, the int8 lm_head 20-23 -> 26-27, bf16
+// 6144 x 2048 21-25 -> 29-36).
 constexpr int64_t AHEAD_BYTES = 16 * 1024;
+inline void read_ahead(const void* p) {
+  __builtin_prefetch(static_cast<const char*>(p) + AHEAD_BYTES, 0, 2);
+}
 using f32v = float __attribute__((vector_size(4 * L)));
 using u16v = uint16_t __attribute__((vector_size(2 * L)));
 using u32v = uint32_t __attribute__((vector_size(4 * L)));
@@ -104,7 +110,7 @@ inline void block_dot(const W* w, int64_t ldw, const W* const* x, int64_t K, flo
       __m512bh xv[NT];
       for (int n = 0; n < NT; ++n) xv[n] = (__m512bh)_mm512_loadu_si512(x[n] + k);
       for (int r = 0; r < NR; ++r) {
-        __builtin_prefetch(w + r * ldw + k + AHEAD_BYTES / sizeof(W));
+        read_ahead(w + r * ldw + k);
         const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * ldw + k);
         for (int n = 0; n < NT; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], wv, xv[n]);
       }
@@ -123,7 +129,7 @@ inline void block_dot(const W* w, int64_t ldw, const W* const* x, int64_t K, flo
     f32v xv[NT];
     for (int n = 0; n < NT; ++n) xv[n] = load(x[n] + k);
     for (int r = 0; r < NR; ++r) {
-      __builtin_prefetch(w + r * ldw + k + AHEAD_BYTES / sizeof(W));
+      read_ahead(w + r * ldw + k);
       f32v wv = load(w + r * ldw + k);
       for (int n = 0; n < NT; ++n) acc[r][n] += wv * xv[n];
     }
@@ -493,7 +499,7 @@ inline void q4_dot_avx512(const uint8_t* q, const float* s, int64_t K, int64_t G
       __m512i words[NR];
       for (int r = 0; r < NR; ++r) {
         const uint8_t* p = q + r * ldq + k0 / 2;
-        __builtin_prefetch(p + AHEAD_BYTES);
+        read_ahead(p);
         words[r] = _mm512_loadu_si512(p);
       }
 #pragma GCC unroll 4
@@ -589,7 +595,7 @@ void q4_dequantize(const uint8_t* q, const float* s, const float* zs, int64_t K,
       const __m512i table = _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(v));
       for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += Q4_BLOCK) {
         const uint8_t* p = q + r * (K / 2) + k0 / 2;
-        __builtin_prefetch(p + AHEAD_BYTES);
+        read_ahead(p);
         const __m512i words = _mm512_loadu_si512(p);
         BF16* o = out + (r - r0) * ldo + k0;
         _mm512_storeu_si512(o, _mm512_permutexvar_epi16(words, table));
@@ -676,7 +682,7 @@ inline void q8_block_dot(const int8_t* q, int64_t K, const float* s, const BF16*
     f32v xv[NT];
     for (int n = 0; n < NT; ++n) xv[n] = load(x[n] + k);
     for (int r = 0; r < NR; ++r) {
-      __builtin_prefetch(q + r * K + k + AHEAD_BYTES);
+      read_ahead(q + r * K + k);
       const f32v wv = load_i8(q + r * K + k);
       for (int n = 0; n < NT; ++n) acc[r][n] += wv * xv[n];
     }
