@@ -55,9 +55,9 @@ constexpr int TOKS = 4;    // tokens per inner block
 // leaves the read rate falling as the products per byte grow (the medium lm_head 152064 x 512,
 // fp32, 2-core Xeon, 1 / 2 / 8 rows: 17.4 / 19.5 / 25.9 ms -> 15.2 / 15.7 / 22.0; bf16 1 row
 // 10.8 -> 8.6; rows of 2048 as before). Into L2, not L1 (prefetcht1): a 16 KB lead in L1 evicts
-// what is being read (2-core Zen 4, one token, 2 threads, GB/s: int4 4096 x 2048 15-16 -> 26-27,
-// the int4 MoE of 8 routed experts 16-19 -> 26-28, the int8 lm_head 20-23 -> 26-27, bf16
-// 6144 x 2048 21-25 -> 29-36).
+// what is being read (2-core Zen 4, one token, 2 threads, GB/s over 4 alternated runs on a noisy
+// host: int4 4096 x 2048 12-16 -> 22-27, the int4 MoE of 8 routed experts 13-19 -> 20-28, the
+// int8 lm_head 22-24 -> 26-27, bf16 6144 x 2048 21-28 -> 29-48).
 constexpr int64_t AHEAD_BYTES = 16 * 1024;
 inline void read_ahead(const void* p) {
   __builtin_prefetch(static_cast<const char*>(p) + AHEAD_BYTES, 0, 2);
