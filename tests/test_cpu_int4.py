@@ -1,14 +1,25 @@
 """qomni's int4 and int8 CPU kernels (qomni_cpu.q4_linear, q4_moe, q8_linear) against the
-dequantized weights, the stacked experts in QuantExperts, and the kernels' errors."""
+dequantized weights, the stacked experts in QuantExperts, q, k and v joined, and the kernels'
+errors."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from qomni import cpu_ops
+from qomni.models.layers import Attention, KVCache
+from qomni.models.rope import RoPE
 from qomni.quant.experts import QuantExperts
-from qomni.quant.kernels import IntWeight, Q4Matmul, Q8Matmul, pack_q4, quantize_weight
-from qomni.quant.linear import QuantizeOnLoad
+from qomni.quant.kernels import (
+    IntWeight,
+    Q4Matmul,
+    Q8Matmul,
+    join_rows,
+    pack_q4,
+    quantize_weight,
+)
+from qomni.quant.linear import QuantizeOnLoad, QuantLinear, join_attention
 
 ops = cpu_ops.ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="qomni's CPU kernels do not build here")
@@ -178,7 +189,7 @@ def test_q8_linear_is_the_dequantized_product(n, k):
     torch.manual_seed(n + k)
     w = quantize_weight(torch.randn(37, k), 8, None)
     x = torch.randn(n, k).bfloat16()
-    got = Q8Matmul(w)(x)
+    got = Q8Matmul.of(w)(x)
     want = x.float() @ w.dequantize().T
     assert got.dtype == torch.bfloat16 and got.shape == (n, 37)
     assert _rel(got, want) < 4e-3
@@ -197,3 +208,62 @@ def test_q8_linear_is_the_dequantized_product(n, k):
 def test_q8_bad_inputs_are_clear_errors(call, message):
     with pytest.raises(RuntimeError, match=message):
         call()
+
+
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_joined_rows_compute_as_apart(asymmetric):
+    """q, k and v as one int4 (or int8) matmul: every output exactly as the three apart."""
+    torch.manual_seed(3)
+    for make in (lambda o: Q4Matmul.of(_weight(o, 256, 64, asymmetric)),
+                 lambda o: Q8Matmul.of(quantize_weight(torch.randn(o, 256), 8, None))):
+        parts = [make(o) for o in (48, 16, 16)]
+        joined = join_rows(parts)
+        for n in (1, 5):
+            x = torch.randn(n, 256).bfloat16()
+            assert torch.equal(joined(x), torch.cat([p(x) for p in parts], 1))
+
+
+def test_unlike_matmuls_are_not_joined():
+    q4 = Q4Matmul.of(_weight(16, 256, 64))
+    assert join_rows([q4, Q4Matmul.of(_weight(16, 256, 128))]) is None  # groups differ
+    assert join_rows([q4, Q4Matmul.of(_weight(16, 256, 64, asymmetric=True))]) is None
+    assert join_rows([q4, Q8Matmul.of(quantize_weight(torch.randn(16, 256), 8, None))]) is None
+    assert join_rows([q4, Q4Matmul.of(_weight(16, 128, 64))]) is None  # inputs differ
+
+
+def _quant_attention(seed: int) -> Attention:
+    torch.manual_seed(seed)
+    a = Attention(128, 4, 2, 32, 1e-6).eval()
+    with torch.no_grad():
+        a.q_norm.weight.uniform_(0.5, 1.5)
+        a.k_norm.weight.uniform_(0.5, 1.5)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        plain = getattr(a, name)
+        quant = QuantLinear.replacing(plain, QuantizeOnLoad(4), torch.float32, "cpu")
+        quant.load_part("weight", plain.weight.detach())
+        setattr(a, name, quant)
+    return a
+
+
+def test_joined_quantized_attention_equals_the_three_projections():
+    """join_attention: the model's attention with its int4 q, k, v as one kernel call (q and k
+    normed and rotated together) gives the outputs of the three apart, prefill and decode."""
+    ref, joined = _quant_attention(0), _quant_attention(0)
+    assert join_attention(nn.ModuleList([joined])) == 1
+    assert isinstance(joined.qkv, QuantLinear) and not hasattr(joined, "q_proj")
+    torch.manual_seed(1)
+    cache_a, cache_b = KVCache(1, 2, 2, 16, 32, torch.float32), KVCache(1, 2, 2, 16, 32,
+                                                                         torch.float32)
+    rope = RoPE(32, 1e4)
+    with torch.inference_mode():
+        for n_new, s in ((torch.tensor([5, 3]), 5), (torch.ones(2, dtype=torch.long), 1),
+                         (torch.ones(2, dtype=torch.long), 1)):
+            x = torch.randn(2, s, 128)
+            positions = cache_a.lengths[:, None] + torch.arange(s)
+            cos, sin = rope(positions, torch.float32)
+            slots, mask = cache_a.slots(n_new, s)
+            want = ref(x, cos, sin, 0, cache_a, slots, mask)
+            got = joined(x, cos, sin, 0, cache_b, slots, mask)
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+            cache_a.advance(n_new)
+            cache_b.advance(n_new)

@@ -107,11 +107,15 @@ def test_kernels_multiply_by_the_dequantized_weights(fixture):
         theirs = decompress_with_library(path)
         omni = Omni.load(path, dtype="float32", device="cpu", progress=False)
         model = omni.model
-        q_proj = model.get_submodule("thinker.model.layers.1.self_attn.q_proj")
-        assert isinstance(q_proj, QuantLinear)
-        ref = theirs["thinker.model.layers.1.self_attn.q_proj.weight"]
-        got = _effective_weight(q_proj, *ref.shape)
-        assert rel_l2(got, ref) < 4e-3, name
+        attn = model.get_submodule("thinker.model.layers.1.self_attn")
+        base = "thinker.model.layers.1.self_attn"
+        if attn.qkv is not None:  # q, k and v joined: one kernel's layout
+            proj = attn.qkv
+            ref = torch.cat([theirs[f"{base}.{p}_proj.weight"] for p in "qkv"])
+        else:
+            proj, ref = attn.q_proj, theirs[f"{base}.q_proj.weight"]
+        assert isinstance(proj, QuantLinear)
+        assert rel_l2(_effective_weight(proj, *ref.shape), ref) < 4e-3, name
         experts = model.get_submodule("talker.model.layers.0.mlp.experts")
         assert isinstance(experts, QuantExperts)
         for e in range(experts.num_experts):

@@ -189,15 +189,15 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(head_dim, eps)
             self.k_norm = RMSNorm(head_dim, eps)
         self.qk_norm = qk_norm
-        self.qkv: PackedLinear | None = None  # [(H + 2Hkv)·Dh, D], set by `pack`
+        self.qkv: nn.Module | None = None  # [(H + 2Hkv)·Dh, D], set by `pack`
         # A plain attribute, not a buffer (set by `pack`): Module.to() must not convert it.
         self.qk_weight: torch.Tensor | None = None  # [H + Hkv, Dh] q_norm's rows, k_norm's
 
-    def pack(self) -> None:
-        """Join q_proj, k_proj and v_proj into one packed weight (CPU inference; they are
-        dropped)."""
-        self.qkv = PackedLinear(torch.cat([self.q_proj.weight, self.k_proj.weight,
-                                           self.v_proj.weight]))
+    def pack(self, qkv: nn.Module | None = None) -> None:
+        """Join q_proj, k_proj and v_proj into one matmul (CPU inference; they are dropped):
+        `qkv` where the caller joined them (quantized ones), else one packed weight of theirs."""
+        self.qkv = qkv if qkv is not None else PackedLinear(torch.cat(
+            [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
         del self.q_proj, self.k_proj, self.v_proj
         if self.qk_norm:
             self.qk_weight = torch.cat([self.q_norm.weight.detach().expand(self.heads, -1),

@@ -190,10 +190,13 @@ class Int4Matmul:
 class Q8Matmul:
     """x [N, K] -> bf16 [N, O] on a symmetric per-channel int8 weight (qomni_cpu.q8_linear)."""
 
-    def __init__(self, weight: IntWeight):
-        self.out_features, self.in_features = weight.shape
-        self.q = weight.q.contiguous()
-        self.scale = weight.scale[:, 0].float().contiguous()
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        self.q, self.scale = q, scale  # int8 [O, K], fp32 [O]
+        self.out_features, self.in_features = q.shape
+
+    @classmethod
+    def of(cls, weight: IntWeight) -> Q8Matmul:
+        return cls(weight.q.contiguous(), weight.scale[:, 0].float().contiguous())
 
     @staticmethod
     def takes(weight: IntWeight, device: torch.device) -> bool:
@@ -298,8 +301,27 @@ def int_matmul(weight: IntWeight, device: torch.device | str) -> Matmul:
     if weight.bits == 4 and int4_kernel_group(weight.group_size) is not None:
         return Int4Matmul(weight, device)
     if weight.bits in (4, 8):
-        return Q8Matmul(weight) if Q8Matmul.takes(weight, device) else Int8Matmul(weight, device)
+        return Q8Matmul.of(weight) if Q8Matmul.takes(weight, device) else Int8Matmul(weight,
+                                                                                    device)
     raise ValueError(f"{weight.bits}-bit weights: qomni runs 4- and 8-bit integer weights")
+
+
+def join_rows(matmuls: list[Matmul]) -> Matmul | None:
+    """One matmul of the same input for several (q, k and v): their outputs side by side, each
+    row computed as before (qomni's kernels compute rows independently). For qomni's int4 or
+    int8 kernels of one layout; None for any other mix."""
+    first = matmuls[0]
+    if any(type(m) is not type(first) or m.in_features != first.in_features for m in matmuls):
+        return None
+    if type(first) is Q4Matmul:
+        if any(m.group != first.group or (m.zs is None) != (first.zs is None) for m in matmuls):
+            return None
+        zs = None if first.zs is None else torch.cat([m.zs for m in matmuls])
+        return Q4Matmul(torch.cat([m.q for m in matmuls]),
+                        torch.cat([m.scale for m in matmuls]), zs, first.group)
+    if type(first) is Q8Matmul:
+        return Q8Matmul(torch.cat([m.q for m in matmuls]), torch.cat([m.scale for m in matmuls]))
+    return None
 
 
 def nbytes(matmul: Matmul) -> int:

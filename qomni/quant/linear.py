@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qomni.models.layers import Attention
 from qomni.quant.compressed import Scheme
 from qomni.quant.kernels import (
     DenseMatmul,
@@ -23,6 +24,7 @@ from qomni.quant.kernels import (
     IntWeight,
     Matmul,
     int_matmul,
+    join_rows,
     nbytes,
     quantize_weight,
 )
@@ -125,6 +127,21 @@ class QuantLinear(nn.Module):
         return torch.empty(1, dtype=self.dtype, device=self.device).expand(self.out_features,
                                                                           self.in_features)
 
+    @classmethod
+    def joined(cls, linears: list[QuantLinear]) -> QuantLinear | None:
+        """One linear for several loaded ones of the same input, their outputs side by side
+        (q, k and v: one kernel call, not three); None where their kernels cannot be joined."""
+        first = linears[0]
+        if any(lin.matmul is None or lin.bias is not None for lin in linears):
+            return None
+        matmul = join_rows([lin.matmul for lin in linears])
+        if matmul is None:
+            return None
+        out = cls(first.in_features, matmul.out_features, False, first.source, first.dtype,
+                  first.device)
+        out.matmul, out._parts = matmul, None
+        return out
+
     def load_part(self, name: str, tensor: torch.Tensor) -> None:
         if self._parts is None:
             raise ValueError(f"{name} given after the weight was complete")
@@ -195,3 +212,19 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
+
+
+def join_attention(model: nn.Module) -> int:
+    """q, k and v of every attention whose three are quantized alike for qomni's CPU kernels as
+    one linear (`Attention.pack`): one kernel call, q and k normed and rotated as one tensor;
+    returns how many."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, Attention) and m.qkv is None:
+            projs = [m.q_proj, m.k_proj, m.v_proj]
+            if all(isinstance(p, QuantLinear) for p in projs):
+                qkv = QuantLinear.joined(projs)
+                if qkv is not None:
+                    m.pack(qkv)
+                    count += 1
+    return count
