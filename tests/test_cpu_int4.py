@@ -48,8 +48,9 @@ def test_q4_linear_is_the_dequantized_product(n, group, asymmetric):
     assert got.dtype == torch.bfloat16 and got.shape == (n, 40)
     # the output's bf16 rounding (~2e-3); tiles also round the weights to bf16
     assert _rel(got, want) < 4e-3
-    # a row's result is the same whether it runs alone or with another (dot products)
-    if n <= 2:
+    # a row's result is the same whether it runs alone or with another (dot products; without
+    # AMX, 2 tokens or more dequantize the rows to bf16 once, as tiles do from 4)
+    if n <= 2 and cpu_ops.amx_bf16():
         assert torch.equal(Q4Matmul.of(w)(x[:1]), got[:1])
 
 
