@@ -268,3 +268,23 @@ def test_joined_quantized_attention_equals_the_three_projections():
             assert (got - want).abs().max() <= 1e-5 * want.abs().max()
             cache_a.advance(n_new)
             cache_b.advance(n_new)
+
+
+def test_the_bench_counts_the_quantized_kernels_flops():
+    """qomni bench's compute floors count qomni's int4 / int8 kernels as the dense products they
+    stand for (prefill floors were short of the experts' FLOPs without this)."""
+    from qomni.bench.floors import flop_counter
+
+    n, k, o = 3, 256, 40
+    x = torch.randn(n, k).bfloat16()
+    with flop_counter() as counter:
+        Q4Matmul.of(_weight(o, k, 128))(x)
+        Q8Matmul.of(quantize_weight(torch.randn(o, k), 8, None))(x)
+    assert counter.get_total_flops() == 2 * (2 * n * k * o)
+    e, top, d, i = 4, 2, 256, 128
+    _, _, (gq, gs, _), (dq, ds, _) = _experts(e, d, i, 128)
+    w, ids = torch.topk(torch.softmax(torch.randn(n, e), -1), top, -1)
+    with flop_counter() as counter:
+        ops.q4_moe(torch.randn(n, d).bfloat16(), ids, w.bfloat16(), gq, gs, None, 128, dq, ds,
+                   None, 128)
+    assert counter.get_total_flops() == 2 * n * top * (2 * i * d + d * i)

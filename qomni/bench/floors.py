@@ -158,11 +158,19 @@ def _routed_moe_flops(x_shape, ids_shape, weights_shape, gate_up_shape, down_sha
     return 2 * math.prod(ids_shape) * (math.prod(gate_up_shape[1:]) + math.prod(down_shape[1:]))
 
 
+def _q4_moe_flops(x_shape, ids_shape, weights_shape, gate_up_q_shape, gate_up_s_shape,
+                  gate_up_zs_shape, group, down_q_shape, *args, out_shape=None, **kwargs) -> int:
+    """qomni_cpu.q4_moe: as qomni_cpu.moe, on packed int4 (two values a byte) gate_up
+    [E, 2I, D/2] and down [E, D, I/2]."""
+    d, two_i, i = x_shape[-1], gate_up_q_shape[1], 2 * down_q_shape[2]
+    return 2 * math.prod(ids_shape) * (two_i * d + d * i)
+
+
 def flop_counter() -> FlopCounterMode:
     """torch's FLOP counter, plus the ops the models use that it does not know (MoE grouped
     GEMM; the CPU attention kernel; PackedLinear's oneDNN inner product, the quantized matmuls
-    and qomni's own linear, whose shapes read like a grouped GEMM's: x [..., K], out [..., N];
-    qomni's own routed-experts call)."""
+    and qomni's own linears (also int4, int8), whose shapes read like a grouped GEMM's:
+    x [..., K], out [..., N]; qomni's own routed-experts calls, dense and int4)."""
     aten = torch.ops.aten
     mapping = {
         aten._grouped_mm: _grouped_mm_flops,
@@ -171,7 +179,9 @@ def flop_counter() -> FlopCounterMode:
         aten._weight_int4pack_mm_for_cpu: _grouped_mm_flops,
         aten._weight_int8pack_mm: _grouped_mm_flops}
     if (qomni_cpu := cpu_ops.ops()) is not None:
-        mapping |= {qomni_cpu.linear: _grouped_mm_flops, qomni_cpu.moe: _routed_moe_flops}
+        mapping |= {qomni_cpu.linear: _grouped_mm_flops, qomni_cpu.moe: _routed_moe_flops,
+                    qomni_cpu.q4_linear: _grouped_mm_flops, qomni_cpu.q8_linear: _grouped_mm_flops,
+                    qomni_cpu.q4_moe: _q4_moe_flops}
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 

@@ -17,7 +17,8 @@
 // differs from the reference's only by the summation order within a dot product. A row's result
 // does not depend on how many other rows share the call, except that with AMX (below) bf16
 // tokens are summed in tiles from AMX_MIN_TOKENS tokens of a weight (of an expert) on, and that
-// int4 weights are dequantized to bf16 from 2 tokens on without AMX (Q4_DEQUANT_MIN_TOKENS).
+// int4 and int8 weights are dequantized to bf16 from a few tokens on without AMX
+// (Q4_DEQUANT_MIN_TOKENS, Q8_DEQUANT_MIN_TOKENS).
 //
 // Portable source: GCC vector extensions, compiled with -march=native on the machine that runs
 // it (AVX-512: one zmm per vector; AVX2: two ymm). Where the CPU has AVX512-BF16, bf16 rows are
@@ -622,14 +623,41 @@ void q4_dequantize(const uint8_t* q, const float* s, const float* zs, int64_t K,
       }
 }
 
-// Without AMX, from Q4_DEQUANT_MIN_TOKENS tokens of a weight on, a task's rows are dequantized to
-// bf16 once and multiplied by its tokens Q4_TOKEN_CHUNK at a time (they stay in L2 while the
-// rows are read again): the nibble path turns each row into bf16 again for every 2 tokens and
-// streams all tokens past every 2 rows. 4096 x 2048, 2-core Zen 4, 2 / 4 / 64 / 390 tokens:
-// 0.53 / 0.99 / 16.9 / 95.7 ms -> 0.31 / 0.36 / 3.0 / 18.2 (torch's bf16 matmul of the
-// dequantized weight: 0.59 / 0.65 / 3.0 / 16.0); 1 token stays on the nibble path (0.19).
+// Without AMX, from a few tokens of a weight on, a task's int4 or int8 rows are dequantized to
+// bf16 once and multiplied by its tokens TOKEN_CHUNK at a time (they stay in L2 while the rows
+// are read again): the int4 nibble path turns each row into bf16 again for every 2 tokens and
+// streams all tokens past every 2 rows (int8: every 4). 2-core Zen 4: int4 4096 x 2048, 2 / 4 /
+// 64 / 390 tokens: 0.53 / 0.99 / 16.9 / 95.7 ms -> 0.31 / 0.36 / 3.0 / 18.2 (torch's bf16 matmul
+// of the dequantized weight: 0.59 / 0.65 / 3.0 / 16.0), 1 token stays on the nibble path (0.19);
+// int8 4304 x 1152, 4 / 8 / 64 / 1024 tokens: 0.34 / 0.67 / 5.6 / 86.9 -> 0.38 / 0.48 / 1.9 /
+// 27.4 (torch 0.26 / 0.34 / 1.6 / 23.2), and the 152064 x 2048 lm_head at 2 tokens 10.5 -> 26.3
+// (writing 0.6 GB of bf16 rows costs more than two tokens' products), at 8 40.7 -> 34.3.
 constexpr int64_t Q4_DEQUANT_MIN_TOKENS = 2;
-constexpr int64_t Q4_TOKEN_CHUNK = 32;
+constexpr int64_t Q8_DEQUANT_MIN_TOKENS = 8;
+constexpr int64_t TOKEN_CHUNK = 32;
+
+bool dequantize_first(const Tokens<BF16>& x, int64_t min_tokens) {
+  return x.pairs != nullptr || (!amx_ready() && x.n >= min_tokens);
+}
+
+// out[n * ldo + r - r0] for r in [r0, r1): the rows as bf16 (`fill(rows, ldw)` writes them, rows
+// ldw apart), then as tiles (AMX) or by vdpbf16ps. Rows a line more than K apart: at 4 KB apart
+// a tile's 16 rows share one L1 set.
+template <typename Fill>
+void dequantized_dot(int64_t K, int64_t r0, int64_t r1, const Tokens<BF16>& x, float* out,
+                     int64_t ldo, Fill fill) {
+  const int64_t ldw = K + 32;
+  thread_local std::vector<BF16> rows;
+  rows.resize(static_cast<size_t>((r1 - r0) * ldw));
+  fill(rows.data(), ldw);
+  if (x.pairs != nullptr) {
+    rows_dot_any<BF16>(rows.data(), ldw, 0, r1 - r0, x, K, out, ldo);
+    return;
+  }
+  for (int64_t n = 0; n < x.n; n += TOKEN_CHUNK)
+    rows_dot<BF16>(rows.data(), ldw, 0, r1 - r0, x.rows + n, std::min(TOKEN_CHUNK, x.n - n), K,
+                   out + n * ldo, ldo);
+}
 
 struct Q4 {  // E weights: q uint8 [E, O, K / 2], s and zs fp32 [E, O, G]
   const uint8_t* q;
@@ -641,20 +669,10 @@ struct Q4 {  // E weights: q uint8 [E, O, K / 2], s and zs fp32 [E, O, G]
            int64_t ldo) const {
     const uint8_t* qe = q + e * O * (K / 2);
     const float *se = s + e * O * G, *ze = zs == nullptr ? nullptr : zs + e * O * G;
-    // Tokens enough for tiles (AMX) or for reuse: the rows dequantized, then as bf16. Rows a
-    // line more than K apart: at 4 KB apart a tile's 16 rows share one L1 set.
-    if (x.pairs != nullptr || (!amx_ready() && x.n >= Q4_DEQUANT_MIN_TOKENS)) {
-      const int64_t ldw = K + 32;
-      thread_local std::vector<BF16> rows;
-      rows.resize(static_cast<size_t>((r1 - r0) * ldw));
-      q4_dequantize(qe, se, ze, K, G, group, r0, r1, rows.data(), ldw);
-      if (x.pairs != nullptr) {
-        rows_dot_any<BF16>(rows.data(), ldw, 0, r1 - r0, x, K, out, ldo);
-        return;
-      }
-      for (int64_t n = 0; n < x.n; n += Q4_TOKEN_CHUNK)
-        rows_dot<BF16>(rows.data(), ldw, 0, r1 - r0, x.rows + n,
-                       std::min(Q4_TOKEN_CHUNK, x.n - n), K, out + n * ldo, ldo);
+    if (dequantize_first(x, Q4_DEQUANT_MIN_TOKENS)) {
+      dequantized_dot(K, r0, r1, x, out, ldo, [&](BF16* rows, int64_t ldw) {
+        q4_dequantize(qe, se, ze, K, G, group, r0, r1, rows, ldw);
+      });
       return;
     }
     std::vector<float> xsum;  // each token's sum per group, for the zero points
@@ -717,21 +735,18 @@ struct Q8 {  // q int8 [O, K], s fp32 [O]
   int64_t row_bytes() const { return K + 4; }
   void dot(int64_t, int64_t r0, int64_t r1, const Tokens<BF16>& x, float* out,
            int64_t ldo) const {
-#if defined(QOMNI_AMX)
-    if (x.pairs != nullptr) {  // tokens enough for tiles: the rows dequantized, then as bf16
-      const int64_t ldw = K + 32;  // as in Q4::dot
-      thread_local std::vector<BF16> rows;
-      rows.resize(static_cast<size_t>((r1 - r0) * ldw));
-      for (int64_t r = r0; r < r1; ++r) {
-        BF16* o = rows.data() + (r - r0) * ldw;
-        int64_t k = 0;
-        for (; k + L <= K; k += L) store<BF16>(o + k, rnd_v<BF16>(load_i8(q + r * K + k) * s[r]));
-        for (; k < K; ++k) o[k] = static_cast<BF16>(static_cast<float>(q[r * K + k]) * s[r]);
-      }
-      rows_dot_any<BF16>(rows.data(), ldw, 0, r1 - r0, x, K, out, ldo);
+    if (dequantize_first(x, Q8_DEQUANT_MIN_TOKENS)) {
+      dequantized_dot(K, r0, r1, x, out, ldo, [&](BF16* rows, int64_t ldw) {
+        for (int64_t r = r0; r < r1; ++r) {
+          BF16* o = rows + (r - r0) * ldw;
+          int64_t k = 0;
+          for (; k + L <= K; k += L)
+            store<BF16>(o + k, rnd_v<BF16>(load_i8(q + r * K + k) * s[r]));
+          for (; k < K; ++k) o[k] = static_cast<BF16>(static_cast<float>(q[r * K + k]) * s[r]);
+        }
+      });
       return;
     }
-#endif
     for (int64_t r = r0; r < r1;) {
       const int nr = r + ROWS <= r1 ? ROWS : 1;
       for (int64_t n = 0; n < x.n;) {
