@@ -9,10 +9,10 @@ interleaved in one process, one pass of every method per round, and the best rou
     PYTHONPATH=. python bench/quant_kernels.py --shapes 2048x6144 --rows 1 8 --threads 2
 
 Methods: fp32 and bf16 dense (torch's matmul and oneDNN on a pre-packed weight), int8 per
-channel (torch._weight_int8pack_mm), int4 in groups of 32/64/128
-(torch._weight_int4pack_mm_for_cpu, and qomni's own `qomni_cpu.q4_linear` where it builds), all
-with bf16 activations, and torchao's weight-only tensors
-when torchao is importable. `--slow` adds the int kernels with fp32/fp16 activations and FP8
+channel (torch._weight_int8pack_mm, and qomni's own `qomni_cpu.q8_linear`), int4 in groups of
+32/64/128 (torch._weight_int4pack_mm_for_cpu, and qomni's own `qomni_cpu.q4_linear`), qomni's
+where they build, all with bf16 activations, and torchao's weight-only tensors when torchao is
+importable. `--slow` adds the int kernels with fp32/fp16 activations and FP8
 weights widened per call (both far slower). Results: docs/quantization.md.
 """
 
@@ -39,7 +39,7 @@ SHAPES = {
 def _methods(k: int, n: int, count: int, slow: bool) -> dict[str, list[Callable]]:
     """name -> one callable per weight matrix (x [rows, k] fp32 -> [rows, n])."""
     from qomni import cpu_ops
-    from qomni.quant.kernels import Q4Matmul, pack_int4, pack_int8, quantize_weight
+    from qomni.quant.kernels import Q4Matmul, Q8Matmul, pack_int4, pack_int8, quantize_weight
 
     dense = [torch.randn(n, k) * 0.02 for _ in range(count)]
     out: dict[str, list[Callable]] = {}
@@ -62,6 +62,8 @@ def _methods(k: int, n: int, count: int, slow: bool) -> dict[str, list[Callable]
         i8b = [(q, s.to(dt)) for q, s in i8]
         out[f"int8 x {tag}"] = [
             lambda x, p=p, dt=dt: torch._weight_int8pack_mm(x.to(dt), p[0], p[1]) for p in i8b]
+    if cpu_ops.ops() is not None:
+        out["int8 qomni x bf16"] = [Q8Matmul.of(quantize_weight(w, 8, None)) for w in dense]
     for gs in (32, 64, 128):
         i4 = [pack_int4(quantize_weight(w, 4, gs), gs, torch.float32) for w in dense]
         for dt, tag in act:

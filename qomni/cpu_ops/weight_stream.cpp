@@ -467,13 +467,14 @@ alignas(64) constexpr uint16_t Q4_TABLE[32] = {  // bf16 of (i % 16) - 8: index 
     0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
 
 // res[r][n] = sum over groups of s[r][g] * (products of group g). FLUSHES: groups ending per
-// 128-value block (1: groups of whole blocks, 2: of 64, 4: of 32), fixed at compile time so
-// that every sum stays in a register (a group test after each nibble position made GCC keep
-// them on the stack: 3.5x slower).
+// 128-value block (1: groups of one block, 2: of 64, 4: of 32; 0: of several blocks), fixed at
+// compile time so that every sum stays in a register (a group test after each nibble position
+// made GCC keep them on the stack: 3.5x slower; a block count known only at run time made
+// groups of 128 ~1.5x slower than groups of 64 at one token).
 template <int NR, int NT, int FLUSHES>
 inline void q4_dot_avx512(const uint8_t* q, const float* s, int64_t K, int64_t G,
                           int64_t group, const BF16* const* x, float (&res)[NR][NT]) {
-  const int64_t ldq = K / 2, blocks = FLUSHES == 1 ? group / Q4_BLOCK : 1;
+  const int64_t ldq = K / 2, blocks = FLUSHES == 0 ? group / Q4_BLOCK : 1;
   const __m512i table = _mm512_load_si512(Q4_TABLE);
   // acc[c]: a sum per nibble position, so that the products of a row are 4 chains, not 1
   __m512 tot[NR][NT], acc[4][NR][NT];
@@ -516,7 +517,7 @@ inline void q4_dot_avx512(const uint8_t* q, const float* s, int64_t K, int64_t G
         if (FLUSHES == 4 || (FLUSHES == 2 && c % 2 == 1)) flush(g++);
       }
     }
-    if (FLUSHES == 1) flush(g++);
+    if (FLUSHES <= 1) flush(g++);
   }
   for (int r = 0; r < NR; ++r)
     for (int n = 0; n < NT; ++n) res[r][n] = _mm512_reduce_add_ps(tot[r][n]);
@@ -530,7 +531,8 @@ inline void q4_block_dot(const uint8_t* q, const float* s, const float* zs, int6
                          int64_t ldo) {
   float res[NR][NT];
 #if defined(__AVX512BF16__)
-  if (group % Q4_BLOCK == 0) q4_dot_avx512<NR, NT, 1>(q, s, K, G, group, x, res);
+  if (group == Q4_BLOCK) q4_dot_avx512<NR, NT, 1>(q, s, K, G, group, x, res);
+  else if (group % Q4_BLOCK == 0) q4_dot_avx512<NR, NT, 0>(q, s, K, G, group, x, res);
   else if (group == 64) q4_dot_avx512<NR, NT, 2>(q, s, K, G, group, x, res);
   else q4_dot_avx512<NR, NT, 4>(q, s, K, G, group, x, res);
 #else
@@ -586,28 +588,30 @@ inline void q4_rows_times_tokens(const uint8_t* q, const float* s, const float* 
 void q4_dequantize(const uint8_t* q, const float* s, const float* zs, int64_t K, int64_t G,
                    int64_t group, int64_t r0, int64_t r1, BF16* out, int64_t ldo) {
 #if defined(__AVX512BF16__)
-  // Per group, its 16 values in bf16 as a table; each nibble position of a block's words is
-  // then one shift and one vpermw for 32 values (groups of whole blocks; smaller ones below).
-  if (group % Q4_BLOCK == 0) {
+  // Per group, its 16 values in bf16 as a table; each nibble position of a block's words (32
+  // values, all in one group: groups are multiples of 32) is then one shift and one vpermw.
   const __m512 u = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
-  for (int64_t r = r0; r < r1; ++r)
+  std::vector<__m512i> tables(static_cast<size_t>(G));
+  for (int64_t r = r0; r < r1; ++r) {
     for (int64_t g = 0; g < G; ++g) {
       const float sc = s[r * G + g], z = zs == nullptr ? 0.f : zs[r * G + g];
       const __m512 v = _mm512_fmsub_ps(u, _mm512_set1_ps(sc), _mm512_set1_ps(z));
-      const __m512i table = _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(v));
-      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += Q4_BLOCK) {
-        const uint8_t* p = q + r * (K / 2) + k0 / 2;
-        read_ahead(p);
-        const __m512i words = _mm512_loadu_si512(p);
-        BF16* o = out + (r - r0) * ldo + k0;
-        _mm512_storeu_si512(o, _mm512_permutexvar_epi16(words, table));
-        _mm512_storeu_si512(o + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table));
-        _mm512_storeu_si512(o + 64, _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 8), table));
-        _mm512_storeu_si512(o + 96, _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 12), table));
+      tables[g] = _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(v));
+    }
+    int64_t g = 0, g_end = group;
+    for (int64_t k0 = 0; k0 < K; k0 += Q4_BLOCK) {
+      const uint8_t* p = q + r * (K / 2) + k0 / 2;
+      read_ahead(p);
+      const __m512i words = _mm512_loadu_si512(p);
+      BF16* o = out + (r - r0) * ldo + k0;
+      for (int c = 0; c < 4; ++c) {
+        if (k0 + 32 * c == g_end) ++g, g_end += group;
+        const __m512i idx = c == 0 ? words : _mm512_srli_epi16(words, 4 * c);
+        _mm512_storeu_si512(o + 32 * c, _mm512_permutexvar_epi16(idx, tables[g]));
       }
     }
-  return;
   }
+  return;
 #endif
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t k0 = 0; k0 < K; k0 += Q4_BLOCK)
