@@ -107,8 +107,8 @@ def test_kernels_multiply_by_the_dequantized_weights(fixture):
         theirs = decompress_with_library(path)
         omni = Omni.load(path, dtype="float32", device="cpu", progress=False)
         model = omni.model
-        attn = model.get_submodule("thinker.model.layers.1.self_attn")
         base = "thinker.model.layers.1.self_attn"
+        attn = model.get_submodule(base)
         if attn.qkv is not None:  # q, k and v joined: one kernel's layout
             proj = attn.qkv
             ref = torch.cat([theirs[f"{base}.{p}_proj.weight"] for p in "qkv"])

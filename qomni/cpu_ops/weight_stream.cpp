@@ -591,7 +591,8 @@ void q4_dequantize(const uint8_t* q, const float* s, const float* zs, int64_t K,
   // Per group, its 16 values in bf16 as a table; each nibble position of a block's words (32
   // values, all in one group: groups are multiples of 32) is then one shift and one vpermw.
   const __m512 u = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
-  std::vector<__m512i> tables(static_cast<size_t>(G));
+  thread_local std::vector<__m512i> tables;  // kept: a prefill calls this once per task
+  tables.resize(static_cast<size_t>(G));
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t g = 0; g < G; ++g) {
       const float sc = s[r * G + g], z = zs == nullptr ? 0.f : zs[r * G + g];
@@ -732,6 +733,18 @@ inline void q8_block_dot(const int8_t* q, int64_t K, const float* s, const BF16*
     }
 }
 
+// Rows [r0, r1) of an int8 weight as bf16 [r1 - r0, K] (rows ldo apart), rounded to nearest
+// even.
+void q8_dequantize(const int8_t* q, const float* s, int64_t K, int64_t r0, int64_t r1, BF16* out,
+                   int64_t ldo) {
+  for (int64_t r = r0; r < r1; ++r) {
+    BF16* o = out + (r - r0) * ldo;
+    int64_t k = 0;
+    for (; k + L <= K; k += L) store<BF16>(o + k, rnd_v<BF16>(load_i8(q + r * K + k) * s[r]));
+    for (; k < K; ++k) o[k] = static_cast<BF16>(static_cast<float>(q[r * K + k]) * s[r]);
+  }
+}
+
 struct Q8 {  // q int8 [O, K], s fp32 [O]
   const int8_t* q;
   const float* s;
@@ -740,15 +753,8 @@ struct Q8 {  // q int8 [O, K], s fp32 [O]
   void dot(int64_t, int64_t r0, int64_t r1, const Tokens<BF16>& x, float* out,
            int64_t ldo) const {
     if (dequantize_first(x, Q8_DEQUANT_MIN_TOKENS)) {
-      dequantized_dot(K, r0, r1, x, out, ldo, [&](BF16* rows, int64_t ldw) {
-        for (int64_t r = r0; r < r1; ++r) {
-          BF16* o = rows + (r - r0) * ldw;
-          int64_t k = 0;
-          for (; k + L <= K; k += L)
-            store<BF16>(o + k, rnd_v<BF16>(load_i8(q + r * K + k) * s[r]));
-          for (; k < K; ++k) o[k] = static_cast<BF16>(static_cast<float>(q[r * K + k]) * s[r]);
-        }
-      });
+      dequantized_dot(K, r0, r1, x, out, ldo,
+                      [&](BF16* rows, int64_t ldw) { q8_dequantize(q, s, K, r0, r1, rows, ldw); });
       return;
     }
     for (int64_t r = r0; r < r1;) {
