@@ -1,10 +1,12 @@
-"""qomni's own CPU kernels (weight_stream.cpp), compiled on first use for the CPU that runs them.
+"""qomni's own CPU kernels, compiled on first use for the CPU that runs them: weight_stream.cpp
+(the matmuls: dense, int4, int8, the MoE) and layer_ops.cpp (the row-wise work between them:
+RMSNorm, q/k norm + rotary, the KV cache write), sharing vec.h.
 
-`ops()` returns `torch.ops.qomni_cpu` (`linear(x, w)`, `moe(x, ids, weights, gate_up, down)`)
-or None where they cannot be built (no C++ compiler, not x86/ARM Linux, QOMNI_CPU_OPS=0); the
-callers then keep torch's kernels. The build is cached under ~/.cache/qomni/cpu_ops, in a folder
-named by the source's hash and the CPU's flags (the code is compiled with -march=native), and
-takes 30-60 s once per machine.
+`ops()` returns `torch.ops.qomni_cpu` (`linear(x, w)`, `moe(x, ids, weights, gate_up, down)`,
+`rms_norm(x, w, eps)`, ...) or None where they cannot be built (no C++ compiler, not x86/ARM
+Linux, QOMNI_CPU_OPS=0); the callers then keep torch's ops. The build is cached under
+~/.cache/qomni/cpu_ops, in a folder named by the sources' hash and the CPU's flags (the code is
+compiled with -march=native), and takes 30-60 s once per machine.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("weight_stream.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "weight_stream.cpp", HERE / "layer_ops.cpp"]
+HEADERS = [HERE / "vec.h"]
 
 
 def _cpu_flags() -> str:
@@ -40,7 +44,8 @@ def amx_bf16() -> bool:
 
 def build_dir() -> Path:
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for path in SOURCES + HEADERS:
+        key.update(path.read_bytes())
     key.update(_cpu_flags().encode())
     key.update(torch.__version__.encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -58,7 +63,7 @@ def ops():
         out = build_dir()
         out.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
-            name="qomni_cpu_ops", sources=[str(SOURCE)], build_directory=str(out),
+            name="qomni_cpu_ops", sources=[str(p) for p in SOURCES], build_directory=str(out),
             extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False, verbose=False)

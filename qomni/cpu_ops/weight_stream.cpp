@@ -48,9 +48,11 @@
 #include <optional>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-constexpr int64_t L = 16;  // lanes of one vector
+using namespace qomni::vec;
 constexpr int ROWS = 4;    // weight rows per inner block (independent accumulators)
 constexpr int TOKS = 4;    // tokens per inner block
 // How far ahead of its reads a weight stream asks for its weight: the hardware prefetcher alone
@@ -64,38 +66,7 @@ constexpr int64_t AHEAD_BYTES = 16 * 1024;
 inline void read_ahead(const void* p) {
   __builtin_prefetch(static_cast<const char*>(p) + AHEAD_BYTES, 0, 2);
 }
-using f32v = float __attribute__((vector_size(4 * L)));
-using u16v = uint16_t __attribute__((vector_size(2 * L)));
-using u32v = uint32_t __attribute__((vector_size(4 * L)));
-using i32v = int32_t __attribute__((vector_size(4 * L)));
 
-inline f32v load(const float* p) {
-  f32v v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline f32v load(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
-  u16v h;
-  std::memcpy(&h, p, sizeof h);
-  u32v w = __builtin_convertvector(h, u32v) << 16;
-  f32v v;
-  std::memcpy(&v, &w, sizeof v);
-  return v;
-}
-
-inline float to_float(float v) { return v; }
-inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
-
-using f32v8 = float __attribute__((vector_size(32)));
-using f32v4 = float __attribute__((vector_size(16)));
-
-inline float hsum(f32v v) {  // a tree of halves: a serial sum of 16 lanes costs 16 latencies
-  f32v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  f32v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
 
 // out[n * ldo + r] = dot(w[r, :K], x[n][:K]) for r < NR (<= ROWS), n < NT (<= TOKS).
 // w rows ldw apart; x rows of w's type.
@@ -351,12 +322,6 @@ void rows_dot_any(const W* w, int64_t ldw, int64_t r0, int64_t r1, const Tokens<
   if (r < r1) rows_dot<W>(w, ldw, r, r1, x.rows, x.n, K, out + (r - r0), ldo);
 }
 
-// v rounded to W's precision (bf16: to nearest even), kept in fp32.
-template <typename W>
-inline float rnd(float v) {
-  if constexpr (std::is_same_v<W, c10::BFloat16>) return static_cast<float>(c10::BFloat16(v));
-  return v;
-}
 
 // Rows of weight per parallel task: enough that a task's fixed cost is small against reading
 // its rows, few enough that the tasks spread over the threads.
@@ -379,28 +344,6 @@ inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 // (At prefill sizes the SwiGLU and the weighted sum over the top k cost as much as the matmuls
 // when done one value at a time: std::exp and each bf16 rounding are scalar calls.)
 
-inline f32v bits_to_f32(u32v b) {
-  f32v v;
-  std::memcpy(&v, &b, sizeof v);
-  return v;
-}
-
-inline u32v f32_to_bits(f32v v) {
-  u32v b;
-  std::memcpy(&b, &v, sizeof b);
-  return b;
-}
-
-// Rounded to bf16, to nearest even, kept in fp32 (as c10::BFloat16 rounds; NaN stays NaN).
-template <typename W>
-inline f32v rnd_v(f32v v) {
-  if constexpr (std::is_same_v<W, c10::BFloat16>) {
-    const u32v b = f32_to_bits(v);
-    return bits_to_f32((b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u);
-  }
-  return v;
-}
-
 // e^x in fp32, within 2 ulp (a degree-5 polynomial on [-ln2/2, ln2/2], scaled by 2^n).
 inline f32v exp_v(f32v x) {
   const f32v lo = x < -87.3f ? f32v{} - 87.3f : x;
@@ -422,15 +365,6 @@ inline f32v exp_v(f32v x) {
 
 inline f32v silu_v(f32v v) { return v / (1.f + exp_v(-v)); }
 
-template <typename W>
-inline void store(W* p, f32v v) {  // v already rounded to W
-  if constexpr (std::is_same_v<W, c10::BFloat16>) {
-    const u16v h = __builtin_convertvector(f32_to_bits(v) >> 16, u16v);
-    std::memcpy(p, &h, sizeof h);
-  } else {
-    std::memcpy(p, &v, sizeof v);
-  }
-}
 
 // -- the weights a matmul reads: dense rows, or int4 in groups -----------------------------------
 //
