@@ -1,8 +1,9 @@
 """qomni's CPU row kernels (qomni/cpu_ops/layer_ops.cpp: RMSNorm, q/k norm + rotary, the KV
-cache write) against the torch ops they replace, and their errors."""
+cache write, a decode step's attention) against the torch ops they replace, and their errors."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qomni import cpu_ops
 from qomni.models import layers
@@ -139,6 +140,51 @@ def test_cache_rows_write_through_the_kernel_as_through_index_put(monkeypatch):
             assert torch.equal(a, b)
 
 
+def _decode_inputs(dtype, dh=128, n=37, b=2):
+    """q [B, Hkv, G, Dh] and keys/values as views of a longer cache [B, Hkv, n + 13, Dh], with
+    each row's own visible keys (row 1 sees fewer, and one of its keys is hidden)."""
+    q = torch.randn(b, 4, 8, dh).to(dtype)
+    cache_k, cache_v = (torch.randn(b, 4, n + 13, dh).to(dtype) for _ in range(2))
+    visible = torch.ones(b, 1, 1, n, dtype=torch.bool)
+    visible[1, ..., 30:] = False
+    visible[1, ..., 3] = False
+    return q, cache_k[:, :, :n], cache_v[:, :, :n], visible
+
+
+@pytest.mark.parametrize("dh", [128, 20])  # whole vectors; a tail
+def test_decode_attention_fp32_equals_sdpa(dh):
+    q, keys, values, visible = _decode_inputs(torch.float32, dh)
+    got = ops.decode_attention(q, keys, values, visible, dh ** -0.5)
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_decode_attention_bf16_close_to_sdpa():
+    q, keys, values, visible = _decode_inputs(torch.bfloat16, n=300)
+    got = ops.decode_attention(q, keys, values, visible, 128 ** -0.5)
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+    exact = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(),
+                                           attn_mask=visible)
+    assert got.dtype == torch.bfloat16
+    # as far from the fp32 result as torch's bf16 kernel is (the probabilities rounded to bf16)
+    assert _rel(got, exact) <= 2 * _rel(want, exact) + 1e-3
+
+
+def test_decode_attention_hidden_keys_do_not_count():
+    q, keys, values, visible = _decode_inputs(torch.float32, 16)
+    noisy_k, noisy_v = keys.clone(), values.clone()
+    noisy_k[1, :, 30:] = 1e4  # hidden: must not change anything, however large
+    noisy_v[1, :, 3] = float("nan")
+    a = ops.decode_attention(q, keys, values, visible, 0.25)
+    b = ops.decode_attention(q, noisy_k, noisy_v, visible, 0.25)
+    assert torch.equal(a, b)
+
+
+def _rel(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: ops.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-6), "w \\[D\\] for x"),
     (lambda: ops.rms_norm(torch.randn(2, 8), torch.ones(8).bfloat16(), 1e-6), "one dtype"),
@@ -165,6 +211,15 @@ def test_cache_rows_write_through_the_kernel_as_through_index_put(monkeypatch):
     (lambda: ops.kv_write(torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4, 8), torch.tensor([0]),
                           torch.tensor([[0]]), torch.ones(1, 1, 1, 8).bfloat16(),
                           torch.ones(1, 1, 1, 8).bfloat16()), "cache's dtype"),
+    (lambda: ops.decode_attention(torch.ones(1, 2, 4, 8), torch.ones(1, 2, 5, 8),
+                                  torch.ones(1, 2, 5, 8), torch.ones(1, 1, 1, 5), 1.0),
+     "visible bool"),
+    (lambda: ops.decode_attention(torch.ones(1, 2, 4, 8), torch.ones(1, 3, 5, 8),
+                                  torch.ones(1, 3, 5, 8), torch.ones(1, 1, 1, 5).bool(), 1.0),
+     "keys and values \\[1, 2, n > 0, 8\\]"),
+    (lambda: ops.decode_attention(torch.ones(1, 2, 4, 8), torch.ones(1, 2, 5, 8).bfloat16(),
+                                  torch.ones(1, 2, 5, 8).bfloat16(),
+                                  torch.ones(1, 1, 1, 5).bool(), 1.0), "one dtype"),
 ])
 def test_bad_inputs_are_clear_errors(call, message):
     with pytest.raises(RuntimeError, match=message):

@@ -1,13 +1,14 @@
 // The row-wise work between a decoder layer's matmuls, one call where torch runs many small
-// ops: RMSNorm (8 ops), q/k's per-head RMSNorm followed by the rotary embedding (15 ops), and
-// the KV cache write (two index_puts and their indices).
+// ops: RMSNorm (8 ops), q/k's per-head RMSNorm followed by the rotary embedding (15 ops), the
+// KV cache write (two index_puts and their indices), and a decode step's attention.
 //
 // Legend: N rows, D row length; B batch, S tokens, H heads (q's and k's together), Dh head dim.
 //
 // Why: at batch 1 each of torch's small ops costs 2-20 us of dispatch, allocation and a thread
 // fork on 2 threads, next to ~1 ms of matmuls a layer in the int4 thinker; RMSNorm took ~20 us
 // and q/k's norm and rotation ~60 us a layer (real widths, bf16, 2-core Zen 4), writing the
-// step's keys and values ~25 us.
+// step's keys and values ~25 us, and torch's flash attention ~130 us for one token's 32 query
+// heads over 300 cached keys (its blocks are sized for many query rows).
 //
 // Numerics: as the reference's ops, in fp32, each result rounded to the activations' dtype where
 // torch rounds it (the normalised row, its product with the weight, each product of the
@@ -19,8 +20,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
+#include <vector>
 
 #include "vec.h"
 
@@ -217,11 +220,157 @@ void kv_write(at::Tensor& keys, at::Tensor& values, const at::Tensor& rows,
       }
 }
 
+// One KV head's attention for its G query rows (one token): q [G, Dh] (rows ldq apart), keys and
+// values [n, Dh] (rows ldk apart), visible [n] -> out [G, Dh]. As torch's CPU flash attention
+// computes it: scores and their softmax in fp32, the unnormalised exponentials rounded to T for
+// the product with the values (fp32 sums), divided by their fp32 sum at the end. Products may
+// fuse with their sums here (a dot product's order is not torch's anyway).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+constexpr int64_t ATT_ROWS = 4;   // query rows a key is read for at once
+constexpr int64_t ATT_DIMS = 2 * L;  // values' dims per pass of the keys (2 x 8 sums in registers)
+
+template <typename T>
+void attend(const T* q, int64_t ldq, const T* k, const T* v, int64_t ldk, const bool* visible,
+            int64_t n, int64_t G, int64_t Dh, float scale, float* scores, T* out) {
+  const bool whole = Dh % L == 0;
+  std::vector<float> qf(static_cast<size_t>(G * Dh));  // q in fp32 once, not at every key
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < Dh; ++d) qf[g * Dh + d] = to_float(q[g * ldq + d]);
+  for (int64_t g0 = 0; g0 < G; g0 += ATT_ROWS) {  // scores [G, n]
+    const int64_t rows = std::min(ATT_ROWS, G - g0);
+    for (int64_t j = 0; j < n; ++j) {
+      const T* kj = k + j * ldk;
+      float dot[ATT_ROWS] = {};
+      if (whole && rows == ATT_ROWS) {
+        f32v acc[ATT_ROWS] = {};
+        for (int64_t d = 0; d < Dh; d += L) {
+          const f32v kv = load(kj + d);
+          for (int64_t r = 0; r < ATT_ROWS; ++r) acc[r] += load(&qf[(g0 + r) * Dh + d]) * kv;
+        }
+        for (int64_t r = 0; r < ATT_ROWS; ++r) dot[r] = hsum(acc[r]);
+      } else {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t d = 0; d < Dh; ++d) dot[r] += qf[(g0 + r) * Dh + d] * to_float(kj[d]);
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        scores[(g0 + r) * n + j] = visible[j] ? dot[r] * scale : -INFINITY;
+    }
+  }
+  std::vector<float> sums(static_cast<size_t>(G));
+  for (int64_t g = 0; g < G; ++g) {  // exponentials, rounded to T; masked keys exactly 0
+    float* sg = scores + g * n;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) top = std::max(top, sg[j]);
+    float sum = 0.f;
+    int64_t j = 0;
+    for (; j + L <= n; j += L) {
+      const f32v x = load(sg + j);
+      const f32v e = x == -INFINITY ? f32v{} : exp_v(x - top);
+      sum += hsum(e);
+      const f32v r = rnd_v<T>(e);
+      std::memcpy(sg + j, &r, sizeof r);
+    }
+    for (; j < n; ++j) {
+      const float e = sg[j] == -INFINITY ? 0.f : std::exp(sg[j] - top);
+      sum += e;
+      sg[j] = rnd<T>(e);
+    }
+    sums[g] = sum;
+  }
+  for (int64_t g0 = 0; g0 < G; g0 += ATT_ROWS) {  // out = exponentials x values / sum
+    const int64_t rows = std::min(ATT_ROWS, G - g0);
+    if (whole && rows == ATT_ROWS && Dh % ATT_DIMS == 0) {
+      for (int64_t d = 0; d < Dh; d += ATT_DIMS) {
+        f32v acc[ATT_ROWS][2] = {};
+        for (int64_t j = 0; j < n; ++j) {
+          if (!visible[j]) continue;  // 0, and a hidden slot's value is never read
+          const f32v v0 = load(v + j * ldk + d), v1 = load(v + j * ldk + d + L);
+          for (int64_t r = 0; r < ATT_ROWS; ++r) {
+            const float pj = scores[(g0 + r) * n + j];
+            acc[r][0] += pj * v0;
+            acc[r][1] += pj * v1;
+          }
+        }
+        for (int64_t r = 0; r < ATT_ROWS; ++r)
+          for (int h = 0; h < 2; ++h)
+            store(out + (g0 + r) * Dh + d + h * L, rnd_v<T>(acc[r][h] / sums[g0 + r]));
+      }
+      continue;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t g = g0 + r;
+      for (int64_t d = 0; d < Dh; ++d) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < n; ++j)
+          if (visible[j]) acc += scores[g * n + j] * to_float(v[j * ldk + d]);
+        out[g * Dh + d] = static_cast<T>(acc / sums[g]);
+      }
+    }
+  }
+}
+#pragma GCC pop_options
+
+template <typename T>
+at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& keys,
+                                 const at::Tensor& values, const at::Tensor& visible,
+                                 double scale) {
+  const int64_t B = q.size(0), Hkv = q.size(1), G = q.size(2), Dh = q.size(3), n = keys.size(2);
+  at::Tensor out = at::empty({B, Hkv, G, Dh}, q.options());
+  const at::Tensor vis = visible.reshape({B, n}).contiguous();
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = keys.const_data_ptr<T>();
+  const T* vp = values.const_data_ptr<T>();
+  const bool* mp = vis.const_data_ptr<bool>();
+  T* op = out.mutable_data_ptr<T>();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(static_cast<size_t>(G * n));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, h = t % Hkv;
+      attend<T>(qp + b * q.stride(0) + h * q.stride(1), q.stride(2),
+                kp + b * keys.stride(0) + h * keys.stride(1),
+                vp + b * values.stride(0) + h * values.stride(1), keys.stride(2), mp + b * n, n,
+                G, Dh, static_cast<float>(scale), scores.data(), op + t * G * Dh);
+    }
+  });
+  return out;
+}
+
+// A decode step's attention, each KV head's G query heads as its query rows: q [B, Hkv, G, Dh],
+// keys and values [B, Hkv, n, Dh] (each key's Dh values contiguous, keys and values strided
+// alike: views of a KV cache), visible bool [B, 1, 1, n] -> [B, Hkv, G, Dh]; as
+// F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys,
+                            const at::Tensor& values, const at::Tensor& visible, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && keys.device().is_cpu(), "decode_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1,
+              "decode_attention: q [B, Hkv, G, Dh], Dh contiguous");
+  const int64_t B = q.size(0), Hkv = q.size(1), Dh = q.size(3);
+  TORCH_CHECK(Dh <= MAX_HEAD_DIM, "decode_attention: Dh <= ", MAX_HEAD_DIM);
+  TORCH_CHECK(keys.dim() == 4 && keys.size(0) == B && keys.size(1) == Hkv && keys.size(3) == Dh &&
+                  keys.size(2) > 0 && keys.stride(3) == 1 && values.sizes() == keys.sizes() &&
+                  values.strides() == keys.strides(),
+              "decode_attention: keys and values [", B, ", ", Hkv, ", n > 0, ", Dh,
+              "], strided alike, got ", keys.sizes(), " and ", values.sizes());
+  TORCH_CHECK(keys.scalar_type() == q.scalar_type() && values.scalar_type() == q.scalar_type(),
+              "decode_attention: q, keys and values of one dtype");
+  TORCH_CHECK(visible.scalar_type() == at::kBool && visible.numel() == B * keys.size(2) &&
+                  visible.dim() == 4 && visible.size(0) == B && visible.size(3) == keys.size(2),
+              "decode_attention: visible bool [B, 1, 1, n], got ", visible.sizes());
+  if (q.scalar_type() == at::kFloat)
+    return decode_attention_impl<float>(q, keys, values, visible, scale);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "decode_attention: float32 or bfloat16 only, got ",
+              q.scalar_type());
+  return decode_attention_impl<c10::BFloat16>(q, keys, values, visible, scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qomni_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("norm_rope(Tensor x, Tensor? w, float eps, Tensor cos, Tensor sin) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor visible, float scale) "
+        "-> Tensor");
   m.def("kv_write(Tensor(a!) keys, Tensor(b!) values, Tensor rows, Tensor slots, Tensor k, "
         "Tensor v) -> ()");
 }
@@ -230,4 +379,5 @@ TORCH_LIBRARY_IMPL(qomni_cpu, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("norm_rope", &norm_rope);
   m.impl("kv_write", &kv_write);
+  m.impl("decode_attention", &decode_attention);
 }

@@ -87,4 +87,23 @@ inline float rnd(float v) {
   return v;
 }
 
+// e^x in fp32, within 2 ulp (a degree-5 polynomial on [-ln2/2, ln2/2], scaled by 2^n).
+inline f32v exp_v(f32v x) {
+  const f32v lo = x < -87.3f ? f32v{} - 87.3f : x;
+  x = lo > 88.7f ? f32v{} + 88.7f : lo;
+  const f32v shift = f32v{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const f32v n = (x * 1.44269504f + shift) - shift;
+  const f32v r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  f32v p = f32v{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  using i32v = int32_t __attribute__((vector_size(4 * L)));
+  const i32v e = __builtin_convertvector(n, i32v) << 23;
+  return bits_to_f32(f32_to_bits(p) + (u32v)e);
+}
+
 }  // namespace qomni::vec

@@ -197,7 +197,9 @@ class Attention(nn.Module):
     attention with each KV head's query heads as its query rows, the same attention as GQA's.
     Per layer on a 2-core Zen 5 (medium thinker, fp32 / bf16, 8 rows): the three matmuls
     75 / 56 us -> 45 / 29 us, norm and rotation 56 / 63 -> 25 / 31 us, attention 48 / 246 ->
-    28 / 42 us (CPU flash attention runs one query row per head poorly in bf16).
+    28 / 42 us (CPU flash attention runs one query row per head poorly in bf16). With qomni's
+    CPU kernels a decode step attends through `decode_attention` (layer_ops.cpp; 32 query heads
+    over 300 / 1000 bf16 keys, 2-core Zen 4, in one process: 108 / 267 -> 75 / 218 us).
     """
 
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float,
@@ -248,7 +250,11 @@ class Attention(nn.Module):
         keys, values = cache.update(layer, slots, k.transpose(1, 2), v, mask.shape[-1])
         if s == 1 and x.device.type == "cpu":  # query heads as rows; the mask is one row
             grouped = q.reshape(b, self.kv_heads, -1, self.head_dim)
-            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+            if _own_kernel(grouped, keys) and mask.dtype is torch.bool:
+                out = cpu_ops.ops().decode_attention(grouped, keys, values, mask,
+                                                     self.head_dim ** -0.5)
+            else:
+                out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
             return self.o_proj(out.reshape(b, 1, -1))
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return on_tokens(self.o_proj, out.transpose(1, 2).reshape(b, s, -1), keep)
