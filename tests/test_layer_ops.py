@@ -171,6 +171,16 @@ def test_decode_attention_bf16_close_to_sdpa():
     assert _rel(got, exact) <= 2 * _rel(want, exact) + 1e-3
 
 
+def test_decode_attention_one_mask_for_every_row():
+    q, keys, values, visible = _decode_inputs(torch.float32, 16)
+    shared = visible[1:]  # [1, 1, 1, n]
+    got = ops.decode_attention(q, keys, values, shared, 0.25)
+    assert torch.equal(got, ops.decode_attention(q, keys, values, shared.expand(2, -1, -1, -1),
+                                                 0.25))
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=shared, scale=0.25)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def test_decode_attention_hidden_keys_do_not_count():
     q, keys, values, visible = _decode_inputs(torch.float32, 16)
     noisy_k, noisy_v = keys.clone(), values.clone()
@@ -214,6 +224,9 @@ def _rel(got, want):
     (lambda: ops.decode_attention(torch.ones(1, 2, 4, 8), torch.ones(1, 2, 5, 8),
                                   torch.ones(1, 2, 5, 8), torch.ones(1, 1, 1, 5), 1.0),
      "visible bool"),
+    (lambda: ops.decode_attention(torch.ones(2, 2, 4, 8), torch.ones(2, 2, 5, 8),
+                                  torch.ones(2, 2, 5, 8), torch.ones(3, 1, 1, 5).bool(), 1.0),
+     "visible bool \\[B or 1, 1, 1, n\\]"),
     (lambda: ops.decode_attention(torch.ones(1, 2, 4, 8), torch.ones(1, 3, 5, 8),
                                   torch.ones(1, 3, 5, 8), torch.ones(1, 1, 1, 5).bool(), 1.0),
      "keys and values \\[1, 2, n > 0, 8\\]"),

@@ -317,7 +317,8 @@ at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& keys,
                                  double scale) {
   const int64_t B = q.size(0), Hkv = q.size(1), G = q.size(2), Dh = q.size(3), n = keys.size(2);
   at::Tensor out = at::empty({B, Hkv, G, Dh}, q.options());
-  const at::Tensor vis = visible.reshape({B, n}).contiguous();
+  const at::Tensor vis = visible.reshape({visible.size(0), n}).contiguous();
+  const int64_t mb = visible.size(0) == 1 ? 0 : n;  // one mask for every row
   const T* qp = q.const_data_ptr<T>();
   const T* kp = keys.const_data_ptr<T>();
   const T* vp = values.const_data_ptr<T>();
@@ -329,7 +330,7 @@ at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& keys,
       const int64_t b = t / Hkv, h = t % Hkv;
       attend<T>(qp + b * q.stride(0) + h * q.stride(1), q.stride(2),
                 kp + b * keys.stride(0) + h * keys.stride(1),
-                vp + b * values.stride(0) + h * values.stride(1), keys.stride(2), mp + b * n, n,
+                vp + b * values.stride(0) + h * values.stride(1), keys.stride(2), mp + b * mb, n,
                 G, Dh, static_cast<float>(scale), scores.data(), op + t * G * Dh);
     }
   });
@@ -338,7 +339,7 @@ at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& keys,
 
 // A decode step's attention, each KV head's G query heads as its query rows: q [B, Hkv, G, Dh],
 // keys and values [B, Hkv, n, Dh] (each key's Dh values contiguous, keys and values strided
-// alike: views of a KV cache), visible bool [B, 1, 1, n] -> [B, Hkv, G, Dh]; as
+// alike: views of a KV cache), visible bool [B or 1, 1, 1, n] -> [B, Hkv, G, Dh]; as
 // F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys,
                             const at::Tensor& values, const at::Tensor& visible, double scale) {
@@ -354,9 +355,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys,
               "], strided alike, got ", keys.sizes(), " and ", values.sizes());
   TORCH_CHECK(keys.scalar_type() == q.scalar_type() && values.scalar_type() == q.scalar_type(),
               "decode_attention: q, keys and values of one dtype");
-  TORCH_CHECK(visible.scalar_type() == at::kBool && visible.numel() == B * keys.size(2) &&
-                  visible.dim() == 4 && visible.size(0) == B && visible.size(3) == keys.size(2),
-              "decode_attention: visible bool [B, 1, 1, n], got ", visible.sizes());
+  TORCH_CHECK(visible.scalar_type() == at::kBool && visible.dim() == 4 &&
+                  (visible.size(0) == B || visible.size(0) == 1) && visible.size(1) == 1 &&
+                  visible.size(2) == 1 && visible.size(3) == keys.size(2),
+              "decode_attention: visible bool [B or 1, 1, 1, n], got ", visible.sizes());
   if (q.scalar_type() == at::kFloat)
     return decode_attention_impl<float>(q, keys, values, visible, scale);
   TORCH_CHECK(q.scalar_type() == at::kBFloat16, "decode_attention: float32 or bfloat16 only, got ",

@@ -250,7 +250,8 @@ class Attention(nn.Module):
         keys, values = cache.update(layer, slots, k.transpose(1, 2), v, mask.shape[-1])
         if s == 1 and x.device.type == "cpu":  # query heads as rows; the mask is one row
             grouped = q.reshape(b, self.kv_heads, -1, self.head_dim)
-            if _own_kernel(grouped, keys) and mask.dtype is torch.bool:
+            if (_own_kernel(grouped, keys) and mask.dtype is torch.bool
+                    and mask.shape[1:3] == (1, 1) and mask.shape[0] in (1, b)):
                 out = cpu_ops.ops().decode_attention(grouped, keys, values, mask,
                                                      self.head_dim ** -0.5)
             else:
