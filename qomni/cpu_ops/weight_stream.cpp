@@ -119,6 +119,13 @@ template <typename W, int NR>
 inline void rows_times_tokens(const W* w, int64_t ldw, const W* const* x, int64_t nt,
                               int64_t K, float* out, int64_t ldo) {
   int64_t n = 0;
+  // fp32, 8 tokens or more: blocks of 2 rows x 8 tokens, each row read once for all 8 (on a
+  // 2-core Zen 4 the fp32 lm_head 152064 x 2048 at 8 rows: 49-55 -> 43-45 ms, alternated runs;
+  // 4 rows x 4 tokens read every row twice). A result's sums are the same in either block.
+  if constexpr (NR == ROWS && std::is_same_v<W, float>)
+    for (; n + 8 <= nt; n += 8)
+      for (int r = 0; r < NR; r += 2)
+        block_dot<W, 2, 8>(w + r * ldw, ldw, x + n, K, out + n * ldo + r, ldo);
   for (; n + TOKS <= nt; n += TOKS) block_dot<W, NR, TOKS>(w, ldw, x + n, K, out + n * ldo, ldo);
   switch (nt - n) {
     case 3: block_dot<W, NR, 3>(w, ldw, x + n, K, out + n * ldo, ldo); break;
