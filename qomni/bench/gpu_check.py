@@ -5,9 +5,9 @@ checkpoint, then speed at the published size with random weights. Without CUDA (
 Sections, each timed, each skipped (and said so) once the time budget is spent:
 1. `tiny_bf16_vs_fp32`: a tiny checkpoint in bf16 on the device against fp32 on the CPU:
    prompt logits max|Δ| <= 2e-2 and greedy tokens equal (or parting at a bf16 tie: two tokens
-   whose fp32 logits bf16 cannot tell apart, reported as greedy_parted). The tiny config routes every token to
-   all its experts: with top-k of 8 random experts, precision alone flips near-tied routing
-   decisions, which says nothing about the device.
+   whose fp32 logits bf16 cannot tell apart, reported as greedy_parted). The tiny config routes
+   every token to all its experts: with top-k of 8 random experts, precision alone flips
+   near-tied routing decisions, which says nothing about the device.
 2. `graphs`: the engine with CUDA graphs against the same static steps uncaptured (must be
    bitwise equal: tokens, codes, audio; a greedy and a sampling talker) and against the eager
    engine (reported; greedy), on a batch that pads to a bucket, speaking.

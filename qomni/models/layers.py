@@ -127,16 +127,15 @@ class CacheRows:
         keys, values = self.cache.k[layer], self.cache.v[layer]
         if _own_kernel(k, keys):
             cpu_ops.ops().kv_write(keys, values, self.index, slots, k, v)
-            if self.span:
-                return keys[self.span, :, :n_keys], values[self.span, :, :n_keys]
-            return keys[self.index, :, :n_keys], values[self.index, :, :n_keys]
-        if self.span:
+        elif self.span:
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
             keys[self.span][rows, :, slots] = k
             values[self.span][rows, :, slots] = v
+        else:
+            keys[self.index[:, None], :, slots] = k
+            values[self.index[:, None], :, slots] = v
+        if self.span:
             return keys[self.span, :, :n_keys], values[self.span, :, :n_keys]
-        keys[self.index[:, None], :, slots] = k
-        values[self.index[:, None], :, slots] = v
         return keys[self.index, :, :n_keys], values[self.index, :, :n_keys]
 
     def advance(self, n_new: torch.Tensor) -> None:
@@ -259,7 +258,6 @@ class Attention(nn.Module):
             return self.o_proj(out.reshape(b, 1, -1))
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return on_tokens(self.o_proj, out.transpose(1, 2).reshape(b, s, -1), keep)
-
 
     def _norm_rope(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """qk [B, S, H + Hkv, Dh] -> normed (with QK-norm) and rotated [B, H + Hkv, S, Dh]."""
